@@ -167,8 +167,10 @@ def _has_files(folder: Path) -> bool:
 def _candidates(folder_name: str, data_dir: str | Path | None) -> list[tuple[str, Path]]:
     """Places to look for ``folder_name``, in lookup order, each with a label for errors."""
     places: list[tuple[str, Path]] = []
-    for label, base in (("data_dir", data_dir), ("HASCHED_DATA_DIR", os.environ.get(
-            "HASCHED_DATA_DIR") or None)):
+    for label, base in (
+        ("data_dir", data_dir),
+        ("HASCHED_DATA_DIR", os.environ.get("HASCHED_DATA_DIR") or None),
+    ):
         if base is None:
             continue
         base = Path(base).expanduser()

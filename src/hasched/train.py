@@ -1,0 +1,364 @@
+"""Training the registered models and the on-disk checkpoint store.
+
+Training is deterministic for a given seed on CPU: weights are initialised from an explicit
+:class:`torch.Generator`, mini-batches are shuffled with another one, and dropout (which can
+only draw from the global RNG) runs inside :func:`torch.random.fork_rng`, so the caller's
+global RNG state is restored afterwards.
+
+Checkpoints live in ``<models_dir>/<model>/seed<seed>/`` as ``model.safetensors`` plus
+``meta.json``; ``models_dir`` is the explicit argument, else ``$HASCHED_MODELS_DIR``, else
+``~/.cache/hasched/models``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from hasched.data import Dataset, load_dataset
+from hasched.errors import HaschedError
+from hasched.models import create_model, get_model_spec, init_weights
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "TrainConfig",
+    "checkpoint_dir",
+    "evaluate_accuracy",
+    "load_checkpoint",
+    "load_or_train",
+    "resolve_models_dir",
+    "save_checkpoint",
+    "train_model",
+]
+
+_WEIGHTS = "model.safetensors"
+_META = "meta.json"
+# Offsets the shuffling stream from the init stream so that neither depends on how many
+# numbers the other consumed.
+_SHUFFLE_SEED_OFFSET = 0x5EED_0FF5
+
+
+class CheckpointNotFoundError(HaschedError):
+    """No checkpoint is stored for a (model, seed) pair (as opposed to a corrupt one)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run.
+
+    Attributes:
+        model: Registered model name.
+        seed: Seed for weight init, shuffling and dropout.
+        epochs: Epoch count overriding the recipe's (scaled) one, or None.
+        max_steps: Stop after this many optimiser steps (for tests), or None.
+        train_subset: Use only the first N training images (for tests), or None.
+        device: Torch device string.
+    """
+
+    model: str
+    seed: int
+    epochs: int | None = None
+    max_steps: int | None = None
+    train_subset: int | None = None
+    device: str = "cpu"
+
+
+def evaluate_accuracy(
+    model: nn.Module, dataset: Dataset, batch_size: int = 1000, device: str = "cpu"
+) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset`` (model is put in eval mode)."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            x = dataset.images[start : start + batch_size].to(device)
+            y = dataset.labels[start : start + batch_size].to(device)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+    return correct / max(len(dataset), 1)
+
+
+def _scaled_epochs(recipe_epochs: int, reference: int, n_train: int) -> int:
+    # Keep the recipe's number of optimiser steps when the training set is smaller than the
+    # one the recipe was written for (e.g. the 10k offline MNIST subset -> 6x the epochs).
+    return max(1, round(recipe_epochs * reference / n_train))
+
+
+def train_model(
+    model_name: str,
+    seed: int,
+    *,
+    data_dir: str | Path | None = None,
+    epochs: int | None = None,
+    train_subset: int | None = None,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    download: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a registered model with its recipe and evaluate it on the test split.
+
+    Args:
+        model_name: Registered model name.
+        seed: Seed for init, shuffling and dropout; same seed on CPU gives identical weights.
+        data_dir: Dataset location, see :func:`hasched.data.find_dataset_dir`.
+        epochs: Override the epoch count; by default the recipe's epochs scaled so the number
+            of optimiser steps matches the recipe's reference training-set size.
+        train_subset: Train on the first N training images only.
+        max_steps: Stop after this many optimiser steps.
+        device: Torch device string.
+        progress: Show a tqdm progress bar on stderr.
+        download: Allow downloading the dataset if it is not found locally.
+
+    Returns:
+        ``(model, meta)``: the trained model in eval mode and its metadata dict.
+
+    Raises:
+        HaschedError: Unknown model, missing data, or invalid arguments.
+    """
+    cfg = TrainConfig(model_name, seed, epochs, max_steps, train_subset, device)
+    spec = get_model_spec(cfg.model)
+    recipe = spec.recipe
+    for label, value in (
+        ("epochs", epochs),
+        ("train_subset", train_subset),
+        ("max_steps", max_steps),
+    ):
+        if value is not None and value < 1:
+            raise HaschedError(f"{label} must be at least 1, got {value}")
+    train = load_dataset(spec.dataset, "train", data_dir, download=download)
+    test = load_dataset(spec.dataset, "test", data_dir, download=download)
+    x_train, y_train = train.images, train.labels
+    if cfg.train_subset is not None:
+        x_train, y_train = x_train[: cfg.train_subset], y_train[: cfg.train_subset]
+    n_train = int(y_train.shape[0])
+    if n_train == 0:
+        raise HaschedError(f"training split of {spec.dataset!r} is empty")
+    n_epochs = cfg.epochs or _scaled_epochs(recipe.epochs, recipe.reference_train_size, n_train)
+    steps_per_epoch = math.ceil(n_train / recipe.batch_size)
+    total_steps = n_epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    x_train, y_train = x_train.to(cfg.device), y_train.to(cfg.device)
+
+    init_gen = torch.Generator().manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + _SHUFFLE_SEED_OFFSET)
+    dev = torch.device(cfg.device)
+    # fork_rng restores the CPU RNG plus the listed CUDA devices' RNGs afterwards.
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)  # only dropout draws from the (forked) global RNG
+        model = create_model(cfg.model)
+        init_weights(model, recipe.init, init_gen)
+        model.to(cfg.device).train()
+        if recipe.optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
+        else:
+            # Keras' Adam epsilon is 1e-7 (PyTorch's default is 1e-8).
+            opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, eps=1e-7)
+        loss_fn = nn.CrossEntropyLoss()
+        step = 0
+        loss_value = float("nan")
+        bar = tqdm(
+            total=total_steps,
+            desc=f"train {cfg.model} seed{cfg.seed}",
+            file=sys.stderr,
+            disable=not progress,
+            unit="step",
+            leave=False,
+        )
+        with bar:
+            while step < total_steps:
+                order = torch.randperm(n_train, generator=shuffle_gen).to(cfg.device)
+                for start in range(0, n_train, recipe.batch_size):
+                    if step >= total_steps:
+                        break
+                    idx = order[start : start + recipe.batch_size]
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(x_train[idx]), y_train[idx])
+                    loss.backward()
+                    opt.step()
+                    step += 1
+                    loss_value = float(loss.detach())
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+    train_seconds = time.perf_counter() - started
+    accuracy = evaluate_accuracy(model, test, device=cfg.device)
+    model.eval()
+    meta = {
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "epochs": step / steps_per_epoch if step < n_epochs * steps_per_epoch else n_epochs,
+        "steps": step,
+        "batch_size": recipe.batch_size,
+        "optimizer": recipe.optimizer,
+        "lr": recipe.lr,
+        "train_images": n_train,
+        "final_loss": loss_value,
+        "test_accuracy": accuracy,
+        "test_images": len(test),
+        "dataset": spec.dataset,
+        "dataset_fingerprint": {"train": train.fingerprint, "test": test.fingerprint},
+        "train_seconds": round(train_seconds, 2),
+        "torch_threads": torch.get_num_threads(),
+        "device": cfg.device,
+        "torch_version": torch.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return model, meta
+
+
+def resolve_models_dir(models_dir: str | Path | None = None) -> Path:
+    """The checkpoint root: ``models_dir``, else ``$HASCHED_MODELS_DIR``, else the user cache."""
+    if models_dir is not None:
+        return Path(models_dir).expanduser()
+    env = os.environ.get("HASCHED_MODELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/hasched/models").expanduser()
+
+
+def checkpoint_dir(model_name: str, seed: int, models_dir: str | Path | None = None) -> Path:
+    """Folder of one checkpoint: ``<models_dir>/<model>/seed<seed>``."""
+    return resolve_models_dir(models_dir) / model_name / f"seed{seed}"
+
+
+def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
+    # Write next to the destination then rename, so readers never see a half-written file
+    # and a crash leaves the previous version intact.
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(
+    model: nn.Module, meta: dict[str, Any], models_dir: str | Path | None = None
+) -> Path:
+    """Store ``model``'s weights and ``meta`` under ``meta["model"]`` / ``meta["seed"]``.
+
+    Returns:
+        The checkpoint folder.
+    """
+    folder = checkpoint_dir(meta["model"], int(meta["seed"]), models_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / _WEIGHTS, lambda p: save_file(state, str(p)))
+    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+    _atomic_write(folder / _META, lambda p: p.write_text(text, encoding="utf-8"))
+    return folder
+
+
+def load_checkpoint(
+    model_name: str, seed: int, models_dir: str | Path | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a stored checkpoint, validating it against the registered architecture.
+
+    Files are only read, never repaired or removed.
+
+    Returns:
+        ``(model, meta)`` with the model on CPU in eval mode.
+
+    Raises:
+        CheckpointNotFoundError: If neither file exists.
+        HaschedError: If a file is missing, unreadable, or does not match the model.
+    """
+    model = create_model(model_name)  # validates the name first
+    folder = checkpoint_dir(model_name, seed, models_dir)
+    weights, meta_path = folder / _WEIGHTS, folder / _META
+    if not weights.exists() and not meta_path.exists():
+        raise CheckpointNotFoundError(f"no checkpoint for {model_name} seed {seed} in {folder}")
+    for path in (weights, meta_path):
+        if not path.is_file():
+            raise HaschedError(
+                f"incomplete checkpoint: {path} is missing; delete {folder} to retrain"
+            )
+    hint = f"; delete {folder} to retrain"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HaschedError(f"corrupt checkpoint metadata {meta_path}: {exc}{hint}") from None
+    if not isinstance(meta, dict) or meta.get("model") != model_name or meta.get("seed") != seed:
+        raise HaschedError(
+            f"checkpoint metadata {meta_path} is not for {model_name} seed {seed}{hint}"
+        )
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
+        raise HaschedError(f"corrupt checkpoint weights {weights}: {exc}{hint}") from None
+    expected = model.state_dict()
+    if set(state) != set(expected):
+        diff = sorted(set(state) ^ set(expected))
+        raise HaschedError(
+            f"checkpoint {weights} does not match {model_name}: keys differ"
+            f" ({', '.join(diff)}){hint}"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape or tensor.dtype != expected[key].dtype:
+            raise HaschedError(
+                f"checkpoint {weights} does not match {model_name}: {key} is"
+                f" {tuple(tensor.shape)} {tensor.dtype}, expected"
+                f" {tuple(expected[key].shape)} {expected[key].dtype}{hint}"
+            )
+    model.load_state_dict(state)
+    model.eval()
+    return model, meta
+
+
+def load_or_train(
+    model_name: str,
+    seed: int,
+    models_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    *,
+    epochs: int | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the stored checkpoint, or train and store it on first use.
+
+    A corrupt checkpoint is reported, never silently overwritten. ``epochs`` only applies
+    when training; an existing checkpoint is returned whatever its epoch count.
+
+    Args:
+        model_name: Registered model name.
+        seed: Model seed.
+        models_dir: Checkpoint root, see :func:`resolve_models_dir`.
+        data_dir: Dataset location for training.
+        progress: Show a progress bar while training.
+        log: Called with a one-line message when training is needed.
+        epochs: Epoch override for training (see :func:`train_model`).
+
+    Returns:
+        ``(model, meta)`` with the model in eval mode.
+    """
+    try:
+        return load_checkpoint(model_name, seed, models_dir)
+    except CheckpointNotFoundError:
+        pass
+    folder = checkpoint_dir(model_name, seed, models_dir)
+    if log is not None:
+        log(f"no checkpoint for {model_name} seed {seed}: training it now (stored in {folder})")
+    model, meta = train_model(model_name, seed, data_dir=data_dir, epochs=epochs, progress=progress)
+    save_checkpoint(model, meta, models_dir)
+    return model, meta
