@@ -1,0 +1,1 @@
+"""Problem definition, result type, registry and checkpoint plumbing."""

@@ -1,0 +1,89 @@
+"""timm-style searcher registry: ``register_searcher``, ``create_searcher``, ``list_searchers``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+from hasched.errors import HaschedError
+from hasched.search.core.problem import PermutationProblem
+from hasched.search.core.result import SearchResult
+
+
+class Searcher(Protocol):
+    """What ``create_searcher`` returns."""
+
+    name: str
+    config: Any
+
+    def run(
+        self,
+        problem: PermutationProblem,
+        seed: int | torch.Generator,
+        progress: Callable[[dict], None] | None = None,
+        checkpoint: Path | None = None,
+        *,
+        stop_after: int | None = None,
+    ) -> SearchResult: ...
+
+
+T = TypeVar("T")
+_REGISTRY: dict[str, type] = {}
+
+
+def register_searcher(name: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: make a searcher constructible by ``create_searcher(name)``.
+
+    The class needs a ``config_cls`` (a dataclass with defaults) and ``__init__(config)``.
+    """
+
+    def deco(cls: type[T]) -> type[T]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise HaschedError(f"searcher {name!r} is already registered")
+        cls.name = name  # type: ignore[attr-defined]
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_searchers() -> list[str]:
+    """Registered searcher names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create_searcher(name: str, config: Any = None) -> Searcher:
+    """Build a searcher by name.
+
+    Args:
+        name: one of :func:`list_searchers`.
+        config: ``None`` (defaults), an instance of the searcher's config dataclass, or a
+            mapping of its fields (e.g. parsed from a config file); missing fields keep
+            their defaults.
+
+    Raises:
+        HaschedError: unknown name, unknown config field or wrong config type.
+    """
+    if name not in _REGISTRY:
+        raise HaschedError(f"unknown searcher {name!r}; choose from {', '.join(list_searchers())}")
+    cls = _REGISTRY[name]
+    cfg_cls = cls.config_cls  # type: ignore[attr-defined]
+    if config is None:
+        config = cfg_cls()
+    elif isinstance(config, Mapping):
+        known = {f.name for f in dataclasses.fields(cfg_cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise HaschedError(
+                f"unknown {name} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        config = cfg_cls(**config)
+    elif not isinstance(config, cfg_cls):
+        raise HaschedError(
+            f"searcher {name!r} takes a {cfg_cls.__name__}, got {type(config).__name__}"
+        )
+    return cls(config)
