@@ -1,0 +1,227 @@
+"""Tests for hasched.train: determinism, epoch scaling, checkpoint store. Tiny synthetic data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hasched import data, train
+from hasched.errors import HaschedError
+from hasched.train import (
+    CheckpointNotFoundError,
+    checkpoint_dir,
+    load_checkpoint,
+    load_or_train,
+    resolve_models_dir,
+    save_checkpoint,
+    train_model,
+)
+
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(gzip.compress(header + arr.tobytes()))
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    """A parent folder holding small synthetic mnist/ and fashion-mnist/ datasets."""
+    monkeypatch.delenv("HASCHED_DATA_DIR", raising=False)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("tests must never download")
+
+    monkeypatch.setattr(data, "_download", no_download)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for folder in ("mnist", "fashion-mnist"):
+        (root / folder).mkdir(parents=True)
+        for split, n in (("train", 256), ("test", 64)):
+            labels = rng.integers(0, 10, n, dtype=np.uint8)
+            # Learnable: brightness of a label-dependent row band, plus noise.
+            images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+            for i, lab in enumerate(labels):
+                images[i, 2 * lab + 4 : 2 * lab + 6, :] = 255
+            img_file, lab_file = FILES[split]
+            _write_idx(root / folder / img_file, images)
+            _write_idx(root / folder / lab_file, labels)
+    return root
+
+
+@pytest.fixture
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("HASCHED_MODELS_DIR", raising=False)
+    return tmp_path / "models"
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_training_is_deterministic_per_seed_and_keeps_global_rng(data_dir):
+    state = torch.get_rng_state()
+    kwargs = dict(data_dir=data_dir, max_steps=2, train_subset=64, progress=False, download=False)
+    a, meta = train_model("mnist32-cnn", 1, **kwargs)
+    b, _ = train_model("mnist32-cnn", 1, **kwargs)
+    c, _ = train_model("mnist32-cnn", 2, **kwargs)
+    assert _same_weights(a, b) and not _same_weights(a, c)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not a.training
+    assert meta["steps"] == 2 and meta["train_images"] == 64 and meta["dataset"] == "mnist32"
+    assert 0.0 <= meta["test_accuracy"] <= 1.0 and meta["test_images"] == 64
+
+
+def test_dropout_model_is_deterministic(data_dir):
+    kwargs = dict(data_dir=data_dir, max_steps=2, train_subset=128, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's even-kernel 'same' padding note
+        a, meta = train_model("fashion-cnn", 3, **kwargs)
+        b, _ = train_model("fashion-cnn", 3, **kwargs)
+    assert _same_weights(a, b)
+    assert meta["train_images"] == 128 and meta["steps"] == 2
+
+
+def test_epochs_are_scaled_to_keep_the_recipe_steps(data_dir):
+    assert train._scaled_epochs(25, 60000, 10000) == 150
+    assert train._scaled_epochs(25, 60000, 60000) == 25
+    assert train._scaled_epochs(25, 60000, 200000) == 8
+    # 200 images with batch 128 = 2 steps per epoch (the last one partial).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, meta = train_model(
+            "fashion-cnn", 0, data_dir=data_dir, epochs=2, train_subset=200, progress=False
+        )
+    assert (meta["epochs"], meta["steps"], meta["train_images"]) == (2, 4, 200)
+
+
+def test_training_learns_the_synthetic_task(data_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        _, meta = train_model("fashion-cnn", 0, data_dir=data_dir, epochs=5, progress=False)
+    assert meta["test_accuracy"] > 0.5, meta
+
+
+def test_invalid_arguments(data_dir):
+    with pytest.raises(HaschedError, match="epochs must be at least 1"):
+        train_model("mnist32-cnn", 0, data_dir=data_dir, epochs=0, progress=False)
+    with pytest.raises(HaschedError, match="unknown model"):
+        train_model("nope", 0, data_dir=data_dir, progress=False)
+
+
+def test_models_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("HASCHED_MODELS_DIR", str(tmp_path / "env"))
+    assert resolve_models_dir() == tmp_path / "env"
+    assert resolve_models_dir(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("HASCHED_MODELS_DIR")
+    assert resolve_models_dir() == Path("~/.cache/hasched/models").expanduser()
+    assert checkpoint_dir("mnist32-cnn", 4, tmp_path) == tmp_path / "mnist32-cnn" / "seed4"
+
+
+def test_checkpoint_round_trip(data_dir, models_dir):
+    model, meta = train_model(
+        "mnist32-cnn", 5, data_dir=data_dir, max_steps=1, train_subset=16, progress=False
+    )
+    folder = save_checkpoint(model, meta, models_dir)
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.safetensors"]
+    loaded, loaded_meta = load_checkpoint("mnist32-cnn", 5, models_dir)
+    assert _same_weights(model, loaded) and not loaded.training
+    assert loaded_meta == json.loads(json.dumps(meta))
+    for key in ("model", "seed", "epochs", "steps", "test_accuracy", "dataset",
+                "dataset_fingerprint", "train_images", "torch_version", "created"):  # fmt: skip
+        assert key in loaded_meta
+
+
+def test_missing_checkpoint(models_dir):
+    with pytest.raises(CheckpointNotFoundError, match="no checkpoint for fashion-cnn seed 9"):
+        load_checkpoint("fashion-cnn", 9, models_dir)
+
+
+@pytest.fixture
+def stored(data_dir, models_dir):
+    model, meta = train_model(
+        "mnist32-cnn", 0, data_dir=data_dir, max_steps=1, train_subset=16, progress=False
+    )
+    return save_checkpoint(model, meta, models_dir)
+
+
+def _assert_rejected_untouched(folder: Path, match: str, models_dir: Path, monkeypatch) -> None:
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(HaschedError, match=match) as err:
+        load_checkpoint("mnist32-cnn", 0, models_dir)
+    assert not isinstance(err.value, CheckpointNotFoundError)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a corrupt checkpoint must not be retrained over")
+
+    monkeypatch.setattr(train, "train_model", no_training)
+    with pytest.raises(HaschedError, match=match):
+        load_or_train("mnist32-cnn", 0, models_dir)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_corrupt_weights_are_reported_not_overwritten(stored, models_dir, monkeypatch):
+    weights = stored / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _assert_rejected_untouched(stored, "corrupt checkpoint weights", models_dir, monkeypatch)
+
+
+def test_wrong_shapes_are_reported(stored, models_dir, monkeypatch):
+    state = dict(load_checkpoint("mnist32-cnn", 0, models_dir)[0].state_dict())
+    state["op.weight"] = torch.zeros(10, 65)
+    save_file(state, str(stored / "model.safetensors"))
+    _assert_rejected_untouched(stored, r"op\.weight is \(10, 65\)", models_dir, monkeypatch)
+
+
+def test_wrong_keys_are_reported(stored, models_dir, monkeypatch):
+    save_file({"c0.weight": torch.zeros(32, 1, 4, 4)}, str(stored / "model.safetensors"))
+    _assert_rejected_untouched(stored, "keys differ", models_dir, monkeypatch)
+
+
+def test_bad_json_is_reported(stored, models_dir, monkeypatch):
+    (stored / "meta.json").write_text("{not json", encoding="utf-8")
+    _assert_rejected_untouched(stored, "corrupt checkpoint metadata", models_dir, monkeypatch)
+
+
+def test_meta_for_another_model_is_reported(stored, models_dir, monkeypatch):
+    meta = json.loads((stored / "meta.json").read_text(encoding="utf-8"))
+    (stored / "meta.json").write_text(json.dumps({**meta, "seed": 1}), encoding="utf-8")
+    _assert_rejected_untouched(stored, "not for mnist32-cnn seed 0", models_dir, monkeypatch)
+
+
+def test_half_missing_checkpoint_is_reported(stored, models_dir, monkeypatch):
+    (stored / "meta.json").unlink()
+    _assert_rejected_untouched(stored, "incomplete checkpoint", models_dir, monkeypatch)
+
+
+def test_load_or_train_trains_once_then_loads(data_dir, models_dir, monkeypatch):
+    real_train = train.train_model
+    calls = []
+
+    def quick_train(*args, **kwargs):
+        calls.append(kwargs)
+        return real_train(*args, **{**kwargs, "max_steps": 1, "train_subset": 16})
+
+    monkeypatch.setattr(train, "train_model", quick_train)
+    messages: list[str] = []
+    model, meta = load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append)
+    assert len(calls) == 1 and len(messages) == 1
+    assert messages[0].startswith("no checkpoint for mnist32-cnn seed 7: training")
+    assert (checkpoint_dir("mnist32-cnn", 7, models_dir) / "model.safetensors").is_file()
+    again, meta2 = load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append)
+    assert len(calls) == 1 and len(messages) == 1
+    assert _same_weights(model, again) and not again.training
+    assert meta2["steps"] == meta["steps"] == 1
