@@ -1,0 +1,205 @@
+"""The ``hasched`` command line: parses arguments and calls the library, nothing more.
+
+Every user mistake surfaces as :class:`hasched.errors.HaschedError`, printed as one line
+(``hasched: error: ...``) with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hasched.errors import HaschedError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run DNNs on faulty, marginal or inexact accelerators (HAS fault-aware scheduling).",
+)
+
+# Options shared by several commands (defined once so their help stays consistent).
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Model seed (one trained instance).")]
+ModelsDirOpt = Annotated[Path | None, typer.Option(
+    "--models-dir", help="Checkpoint store [default: $HASCHED_MODELS_DIR or "
+    "~/.cache/hasched/models].")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Dataset folder [default: $HASCHED_DATA_DIR, then caches].")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
+ErrorOpt = Annotated[str, typer.Option("--error", "-e", help="Error model (see `hasched list`).")]
+FrMaxOpt = Annotated[float, typer.Option("--fr-max", help="Maximum per-PE fault rate.")]
+ProfileSeedOpt = Annotated[int, typer.Option("--profile-seed", help="Fault-profile seed.")]
+NSmsOpt = Annotated[int, typer.Option("--n-sms", help="Streaming multiprocessors.")]
+
+
+def _log(msg: str) -> None:
+    typer.echo(msg, err=True)
+
+
+def _accel(n_sms: int):
+    from hasched.hardware import AcceleratorConfig
+
+    return AcceleratorConfig(n_sms=n_sms)
+
+
+@app.command("list")
+def list_cmd() -> None:
+    """List registered models (with their layers), error models and searchers."""
+    from hasched.faults import PAPER_FR_MAX, list_error_models
+    from hasched.models import create_model, list_models
+    from hasched.nn import weight_layer_names
+    from hasched.search import list_searchers
+
+    typer.echo("models:")
+    for name in list_models():
+        typer.echo(f"  {name:14s} layers: {', '.join(weight_layer_names(create_model(name)))}")
+    typer.echo("error models:")
+    for name in list_error_models():
+        rates = PAPER_FR_MAX.get(name)
+        typer.echo(f"  {name:10s}" + (f" paper FR_max: {', '.join(map(str, rates))}"
+                                       if rates else ""))
+    typer.echo(f"searchers: {', '.join(list_searchers())}")
+
+
+@app.command()
+def train(
+    model: ModelOpt = "mnist32-cnn",
+    seed: SeedOpt = 1,
+    epochs: Annotated[int | None, typer.Option(
+        help="Override the recipe's (step-matched) epoch count.")] = None,
+    models_dir: ModelsDirOpt = None,
+    data_dir: DataDirOpt = None,
+    force: Annotated[bool, typer.Option(help="Retrain even if a checkpoint exists.")] = False,
+) -> None:
+    """Train a model with its recipe and store the checkpoint."""
+    from hasched.train import (
+        CheckpointNotFoundError,
+        checkpoint_dir,
+        load_checkpoint,
+        save_checkpoint,
+        train_model,
+    )
+
+    if not force:
+        try:
+            _, meta = load_checkpoint(model, seed, models_dir)
+            typer.echo(f"{model} seed {seed}: checkpoint exists (test accuracy "
+                       f"{meta.get('test_accuracy', float('nan')):.4f}); use --force to retrain")
+            return
+        except CheckpointNotFoundError:
+            pass
+    net, meta = train_model(model, seed, data_dir=data_dir, epochs=epochs)
+    save_checkpoint(net, meta, models_dir)
+    typer.echo(f"{model} seed {seed}: test accuracy {meta['test_accuracy']:.4f} "
+               f"({meta['epochs']} epochs, {meta.get('steps', '?')} steps) -> "
+               f"{checkpoint_dir(model, seed, models_dir)}")
+
+
+@app.command()
+def profile(
+    fr_max: FrMaxOpt = 5e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Profile seed.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Write .npy or .json here.")] = None,
+    show: Annotated[Path | None, typer.Option(help="Inspect an existing profile.")] = None,
+    n_sms: NSmsOpt = 20,
+) -> None:
+    """Generate (or inspect) a fault profile: per-PE rates ~ Uniform(0, FR_max)."""
+    from hasched.hardware import FaultProfile
+
+    if show is not None:
+        prof = FaultProfile.load(show)
+    else:
+        prof = FaultProfile.generate(fr_max, seed, _accel(n_sms))
+    r = prof.rates
+    typer.echo(f"profile {r.shape[0]} SMs x {r.shape[1]} PEs: min {r.min():.3g} mean "
+               f"{r.mean():.3g} max {r.max():.3g}; worst PE (sm, thread) = "
+               f"{tuple(int(i) for i in divmod(int(r.argmax()), r.shape[1]))}")
+    if out is not None:
+        if out.exists():
+            raise HaschedError(f"{out} exists; not overwriting it")
+        prof.save(out)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def evaluate(
+    model: ModelOpt = "mnist32-cnn",
+    seed: SeedOpt = 1,
+    layers: Annotated[str, typer.Option(help="Faulty layers: c0 | c0,h2 | all.")] = "c0",
+    error: ErrorOpt = "flip-to-1",
+    fr_max: FrMaxOpt = 5e-3,
+    profile_seed: ProfileSeedOpt = 1,
+    profile: Annotated[Path | None, typer.Option(
+        "--profile", help="Use this .npy/.json profile instead of generating one.")] = None,
+    repeats: Annotated[int, typer.Option(help="Fresh error instances.")] = 3,
+    images: Annotated[str | None, typer.Option(
+        help="Test images: N (first N), A:B, A: or :B [default: all].")] = None,
+    schedule: Annotated[Path | None, typer.Option(
+        help="schedule.json (or a search output folder) to apply.")] = None,
+    error_seed: Annotated[int, typer.Option(help="Seed of the error instances.")] = 0,
+    device: DeviceOpt = "cpu",
+    n_sms: NSmsOpt = 20,
+    models_dir: ModelsDirOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Accuracy of a model with some layers on the faulty accelerator."""
+    from hasched.api import FaultScenario, build_evaluator, load_schedule
+    from hasched.api import evaluate as run_eval
+
+    if repeats < 1:
+        raise HaschedError("--repeats must be >= 1")
+    scn = FaultScenario(error=error, fr_max=fr_max, profile_seed=profile_seed,
+                        profile_path=str(profile) if profile else None, accel=_accel(n_sms))
+    scn.error_model()  # fail on an unknown error before any loading or training
+    scn.profile()
+    ev = build_evaluator(model, seed, layers, scn, images, device=device,
+                         models_dir=models_dir, data_dir=data_dir, log=_log)
+    perms = None
+    if schedule is not None:
+        perms, _ = load_schedule(schedule, ev.rows)
+    res = run_eval(ev, repeats=repeats, error_seed=error_seed, perms=perms)
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"{model} seed {seed} | layers {','.join(res['layers'])} | {error} "
+               f"FR_max {fr_max:g} | profile seed {profile_seed} | {res['images']} images")
+    typer.echo(f"clean accuracy   {res['clean_accuracy']:.4f}")
+    typer.echo(f"faulty accuracy  {res['accuracy_mean']:.4f} +- {res['accuracy_std']:.4f} "
+               f"over {repeats} repeats" + (" (with schedule)" if perms else ""))
+
+
+# Further commands (sensitivity, report, search, reproduce, bench, demo) are added below.
+
+
+def main() -> None:
+    """Console entry point: one-line errors, exit status 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except HaschedError as err:
+        typer.echo(f"hasched: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        typer.echo("hasched: aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("hasched: interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
