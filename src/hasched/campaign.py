@@ -1,0 +1,477 @@
+"""Fault-sensitivity campaigns (paper section 5.1): a grid of faulty evaluations.
+
+The grid is model seeds x layer entries x error types x FR_max x profile seeds; every
+*cell* is one evaluator (:func:`hasched.api.build_evaluator`, the same engine as
+``hasched evaluate``) evaluated ``repeats`` times with fresh error instances. The error seed
+of a cell is a stable hash of its coordinates, so a resumed campaign gives exactly the rows
+of an uninterrupted one.
+
+Layout of a campaign folder::
+
+    DIR/config.json          the grid (a rerun with other arguments is refused)
+    DIR/parts/<cell>.json    one file per finished cell, written atomically (tmp + rename)
+    DIR/results.csv          tidy table, one row per evaluation, rebuilt from the parts
+    DIR/summary.csv          mean +- std over model seeds x profile seeds x repeats
+
+Example:
+    >>> cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="c0", errors="bitflip")
+    >>> len(expand_grid(cfg))
+    6
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from hasched.errors import HaschedError
+
+__all__ = [
+    "SWEEP_FR_MAX",
+    "CampaignConfig",
+    "Cell",
+    "expand_grid",
+    "run_campaign",
+    "load_results",
+    "summarize_results",
+    "RESULT_COLUMNS",
+]
+
+FORMAT_VERSION = 1
+
+# The wider sweep drawn as curves (``--fr-max sweep``), on top of Table 1's rates.
+SWEEP_FR_MAX: tuple[float, ...] = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
+                                   0.1, 0.2, 0.5)
+
+RESULT_COLUMNS = ["model", "seed", "layers", "error", "fr_max", "profile_seed", "repeat",
+                  "error_seed", "images", "clean_accuracy", "accuracy", "degradation_pts"]
+GROUP_COLUMNS = ["model", "layers", "error", "fr_max"]
+
+
+def _ints(spec: str | int | list[int] | tuple[int, ...], what: str) -> tuple[int, ...]:
+    if isinstance(spec, int):
+        return (spec,)
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    try:
+        out = tuple(int(s) for s in items if str(s) != "")
+    except ValueError:
+        raise HaschedError(f"--{what} must be a comma-separated list of integers, got "
+                           f"{spec!r}") from None
+    if not out:
+        raise HaschedError(f"--{what} is empty")
+    if len(set(out)) != len(out):
+        raise HaschedError(f"--{what} lists a value twice: {spec!r}")
+    return out
+
+
+def _model_layers(model: str) -> list[str]:
+    import torch
+
+    from hasched.models import create_model
+    from hasched.nn import weight_layer_names
+
+    with torch.random.fork_rng():  # creating a model draws from the global RNG
+        return weight_layer_names(create_model(model))
+
+
+@dataclass(frozen=True)
+class CampaignConfig:
+    """What a campaign computes (its identity; workers and progress are not part of it).
+
+    Attributes:
+        model: Registered model name.
+        seeds: Model seeds.
+        layers: Layer entries; an entry of several layers (``"c0+c1"``) faults them together.
+        errors: Error model names (``"all"`` in :meth:`from_args`: the paper's five).
+        fr_max: ``"paper"`` (Table 1 per error), ``"sweep"`` (Table 1 plus
+            :data:`SWEEP_FR_MAX`) or a tuple of rates used for every error.
+        profile_seeds: Fault-profile seeds.
+        repeats: Error instances per cell.
+        images: Test images (``N``, ``A:B``; ``None`` = all).
+        device: ``"cpu"`` or ``"cuda"`` (random draws differ between them).
+    """
+
+    model: str
+    seeds: tuple[int, ...] = (1, 2, 3)
+    layers: tuple[str, ...] = ("c0",)
+    errors: tuple[str, ...] = ("flip-to-1",)
+    fr_max: str | tuple[float, ...] = "paper"
+    profile_seeds: tuple[int, ...] = (1, 2)
+    repeats: int = 3
+    images: str | None = "1000"
+    device: str = "cpu"
+
+    @classmethod
+    def from_args(
+        cls,
+        model: str,
+        seeds: str | list[int] = "1,2,3",
+        layers: str | list[str] = "all",
+        errors: str | list[str] = "all",
+        fr_max: str | list[float] = "paper",
+        profile_seeds: str | list[int] = "1,2",
+        repeats: int = 3,
+        images: str | int | None = 1000,
+        device: str = "cpu",
+    ) -> CampaignConfig:
+        """Parses and validates command-line style arguments (raises HaschedError)."""
+        from hasched.faults import PAPER_FR_MAX, list_error_models
+
+        known = _model_layers(model)
+        if isinstance(layers, str):
+            entries = known if layers.strip() == "all" else [
+                e.strip() for e in layers.split(",") if e.strip()]
+        else:
+            entries = list(layers)
+        if not entries:
+            raise HaschedError("--layers is empty")
+        for entry in entries:
+            parts = entry.split("+")
+            for name in parts:
+                if name not in known:
+                    raise HaschedError(f"unknown layer {name!r} in --layers; {model} has "
+                                       f"{', '.join(known)}")
+            if len(set(parts)) != len(parts):
+                raise HaschedError(f"layer entry {entry!r} names a layer twice")
+        if len(set(entries)) != len(entries):
+            raise HaschedError(f"--layers lists an entry twice: {layers!r}")
+        names = list_error_models()
+        if isinstance(errors, str):
+            errs = list(PAPER_FR_MAX) if errors.strip() == "all" else [
+                e.strip() for e in errors.split(",") if e.strip()]
+        else:
+            errs = list(errors)
+        for e in errs:
+            if e not in names:
+                raise HaschedError(f"unknown error model {e!r}; known: {', '.join(names)}")
+        if not errs or len(set(errs)) != len(errs):
+            raise HaschedError(f"--errors must list distinct error models, got {errors!r}")
+        if isinstance(fr_max, str) and fr_max.strip() in ("paper", "sweep"):
+            frs: str | tuple[float, ...] = fr_max.strip()
+            missing = [e for e in errs if e not in PAPER_FR_MAX]
+            if missing:
+                raise HaschedError(f"the paper gives no FR_max for {', '.join(missing)}; "
+                                   "pass explicit rates with --fr-max 1e-3,2e-3")
+        else:
+            items = fr_max.split(",") if isinstance(fr_max, str) else fr_max
+            try:
+                frs = tuple(sorted({float(v) for v in items if str(v).strip()}))
+            except ValueError:
+                raise HaschedError(f"--fr-max must be paper, sweep or rates like 1e-3,5e-3; "
+                                   f"got {fr_max!r}") from None
+            if not frs or not all(0 < v <= 1 and math.isfinite(v) for v in frs):
+                raise HaschedError(f"--fr-max rates must lie in (0, 1], got {fr_max!r}")
+        if int(repeats) < 1:
+            raise HaschedError(f"--repeats must be >= 1, got {repeats}")
+        if images is not None:
+            text = str(images).strip()
+            if text.isdigit() and int(text) < 1:
+                raise HaschedError(f"--images must be >= 1, got {images}")
+        dev = str(device or "cpu").split(":")[0]
+        if dev not in ("cpu", "cuda"):
+            raise HaschedError(f"--device must be cpu or cuda, got {device!r}")
+        return cls(model=model, seeds=_ints(seeds, "seeds"), layers=tuple(entries),
+                   errors=tuple(errs), fr_max=frs,
+                   profile_seeds=_ints(profile_seeds, "profile-seeds"), repeats=int(repeats),
+                   images=None if images is None else str(images).strip(), device=dev)
+
+    def rates(self, error: str) -> tuple[float, ...]:
+        """The FR_max values of one error type."""
+        from hasched.faults import PAPER_FR_MAX
+
+        if self.fr_max == "paper":
+            return tuple(PAPER_FR_MAX[error])
+        if self.fr_max == "sweep":
+            return tuple(sorted(set(PAPER_FR_MAX[error]) | set(SWEEP_FR_MAX)))
+        return tuple(self.fr_max)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CampaignConfig:
+        d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One evaluator of the grid: its coordinates."""
+
+    seed: int
+    layers: str
+    error: str
+    fr_max: float
+    profile_seed: int
+
+    @property
+    def key(self) -> str:
+        return f"s{self.seed}_{self.layers}_{self.error}_{self.fr_max:.6g}_p{self.profile_seed}"
+
+    def error_seed(self, model: str) -> int:
+        """Stable across runs, processes and Python versions (not ``hash()``)."""
+        digest = hashlib.sha256(f"{model}|{self.key}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def expand_grid(cfg: CampaignConfig) -> list[Cell]:
+    """Every cell of the campaign, in a fixed order (also the order of the table)."""
+    return [Cell(s, layer, e, float(fr), p)
+            for s in cfg.seeds for layer in cfg.layers for e in cfg.errors
+            for fr in cfg.rates(e) for p in cfg.profile_seeds]
+
+
+# ---------------------------------------------------------------- the results store
+
+def _part_path(out: Path, cell: Cell) -> Path:
+    return out / "parts" / f"{cell.key}.json"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def open_store(out: str | Path, cfg: CampaignConfig) -> Path:
+    """Creates ``out`` with its config, or checks an existing one matches ``cfg``."""
+    out = Path(out)
+    cfg_path = out / "config.json"
+    want = {"format": FORMAT_VERSION, "config": cfg.to_dict()}
+    if cfg_path.is_file():
+        try:
+            have = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise HaschedError(f"{cfg_path} is unreadable ({err}); use another --out") from None
+        if have != want:
+            old = have.get("config", {}) if isinstance(have, dict) else {}
+            diff = sorted(k for k in set(old) | set(want["config"])
+                          if old.get(k) != want["config"].get(k)) or ["format"]
+            raise HaschedError(f"{out} holds a different campaign (differs in: "
+                               f"{', '.join(diff)}); rerun with its arguments or use "
+                               "another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise HaschedError(f"{out} exists, is not empty and is not a campaign folder; "
+                           "use another --out")
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    if not cfg_path.is_file():
+        _atomic_write_text(cfg_path, json.dumps(want, indent=1) + "\n")
+    return out
+
+
+def read_config(out: str | Path) -> CampaignConfig:
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        raise HaschedError(f"{out} is not a campaign folder (no config.json)")
+    try:
+        return CampaignConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["config"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise HaschedError(f"{path} is malformed: {err}") from None
+
+
+def _finished(out: Path, cells: list[Cell]) -> dict[str, list[dict]]:
+    """Rows of every finished cell; tmp files and unreadable parts count as unfinished."""
+    done: dict[str, list[dict]] = {}
+    for cell in cells:
+        path = _part_path(out, cell)
+        if not path.is_file():
+            continue
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            rows = obj["rows"]
+            if obj.get("key") != cell.key or not isinstance(rows, list) or not rows:
+                continue
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        done[cell.key] = rows
+    return done
+
+
+def _rows(cfg: CampaignConfig, cell: Cell, res: dict) -> list[dict]:
+    clean = float(res["clean_accuracy"])
+    return [{"model": cfg.model, "seed": cell.seed, "layers": cell.layers, "error": cell.error,
+             "fr_max": cell.fr_max, "profile_seed": cell.profile_seed, "repeat": i,
+             "error_seed": cell.error_seed(cfg.model), "images": int(res["images"]),
+             "clean_accuracy": clean, "accuracy": float(a),
+             "degradation_pts": 100.0 * (clean - float(a))}
+            for i, a in enumerate(res["accuracies"])]
+
+
+def load_results(out: str | Path) -> pd.DataFrame:
+    """The tidy table of a campaign folder, rebuilt from its finished part files."""
+    out = Path(out)
+    cfg = read_config(out)
+    cells = expand_grid(cfg)
+    done = _finished(out, cells)
+    rows = [r for c in cells if c.key in done for r in done[c.key]]
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def summarize_results(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std (ddof=1) per model x layers x error x FR_max.
+
+    The statistics pool every row of a group, i.e. model seeds x profile seeds x repeats.
+    """
+    g = df.groupby(GROUP_COLUMNS, sort=True)
+    s = g.agg(n=("accuracy", "size"), clean_accuracy=("clean_accuracy", "mean"),
+              accuracy_mean=("accuracy", "mean"), accuracy_std=("accuracy", "std"),
+              degradation_mean_pts=("degradation_pts", "mean"),
+              degradation_std_pts=("degradation_pts", "std")).reset_index()
+    return s.fillna({"accuracy_std": 0.0, "degradation_std_pts": 0.0})
+
+
+def write_tables(out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rebuilds ``results.csv`` and ``summary.csv`` from the parts (atomically)."""
+    out = Path(out)
+    df = load_results(out)
+    summary = summarize_results(df)
+    _atomic_write_text(out / "results.csv", df.to_csv(index=False))
+    _atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    return df, summary
+
+
+# ---------------------------------------------------------------- running
+
+Evaluate = Callable[[CampaignConfig, Cell], dict]
+_WORKER: dict = {}
+
+
+def _default_evaluate(cfg: CampaignConfig, cell: Cell) -> dict:
+    """Builds the cell's evaluator (model and data cached per process) and evaluates it."""
+    from hasched.api import FaultScenario, build_evaluator, evaluate, load_images
+
+    device = _WORKER.get("device", cfg.device)
+    dkey = ("data", device)
+    if dkey not in _WORKER:
+        _WORKER[dkey] = load_images(cfg.model, cfg.images, _WORKER.get("data_dir"), device)
+    scn = FaultScenario(error=cell.error, fr_max=cell.fr_max, profile_seed=cell.profile_seed)
+    ev = build_evaluator(cfg.model, cell.seed, cell.layers.split("+"), scn, cfg.images,
+                         device=device, models_dir=_WORKER.get("models_dir"),
+                         data_dir=_WORKER.get("data_dir"), progress=False, data=_WORKER[dkey])
+    return evaluate(ev, repeats=cfg.repeats, error_seed=cell.error_seed(cfg.model))
+
+
+def _init_worker(devices, threads: int, models_dir, data_dir) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER.update(models_dir=models_dir, data_dir=data_dir, device=devices.get())
+
+
+def _work(args: tuple) -> tuple[str, dict]:
+    cfg, cell, fn = args
+    return cell.key, (fn or _default_evaluate)(cfg, cell)
+
+
+def run_campaign(
+    cfg: CampaignConfig,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    models_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    max_cells: int | None = None,
+    evaluate_fn: Evaluate | None = None,
+) -> dict:
+    """Runs (or resumes) a campaign into ``out`` and rebuilds its tables.
+
+    Args:
+        cfg: The grid.
+        out: Campaign folder; an existing one must hold the same ``cfg``.
+        workers: CPU worker processes (spawned; each loads model and data once and gets
+            ``cpu_count // workers`` torch threads). On CUDA, one process per visible GPU.
+        models_dir, data_dir: Checkpoint store and dataset location.
+        progress: tqdm bar with ETA on stderr.
+        log: One-line messages (e.g. training a missing checkpoint).
+        max_cells: Stop after this many newly finished cells (a controlled interruption).
+        evaluate_fn: ``(cfg, cell) -> {"clean_accuracy", "accuracies", "images"}``;
+            defaults to :func:`hasched.api.evaluate` on a fresh evaluator. Must be picklable
+            when ``workers > 1``.
+
+    Returns:
+        ``{"cells", "done_before", "computed", "rows", "seconds", "complete"}``.
+    """
+    from tqdm import tqdm
+
+    if workers < 1:
+        raise HaschedError(f"--workers must be >= 1, got {workers}")
+    out = open_store(out, cfg)
+    cells = expand_grid(cfg)
+    done = _finished(out, cells)
+    pending = [c for c in cells if c.key not in done]
+    if max_cells is not None:
+        pending = pending[:max_cells]
+    devices = ["cpu"] * workers
+    if cfg.device == "cuda" and evaluate_fn is None:
+        from hasched.api import resolve_device
+
+        resolve_device("cuda")
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    n_proc = min(len(devices), len(pending))
+    if pending and evaluate_fn is None:
+        from hasched.train import load_or_train
+
+        for seed in cfg.seeds:  # train missing checkpoints once, before any worker starts
+            load_or_train(cfg.model, seed, models_dir, data_dir, progress=progress, log=log)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(cells), initial=len(done),
+               desc=f"sensitivity {cfg.model}", unit="cell", disable=not progress,
+               dynamic_ncols=True)
+    computed = 0
+    by_key = {c.key: c for c in cells}
+
+    def save(key: str, res: dict) -> None:
+        nonlocal computed
+        cell = by_key[key]
+        obj = {"key": key, "cell": asdict(cell), "rows": _rows(cfg, cell, res)}
+        _atomic_write_text(_part_path(out, cell), json.dumps(obj) + "\n")
+        computed += 1
+        bar.update(1)
+
+    try:
+        if n_proc <= 1:
+            _WORKER.update(models_dir=models_dir, data_dir=data_dir, device=devices[0])
+            try:
+                for cell in pending:
+                    save(*_work((cfg, cell, evaluate_fn)))
+            finally:
+                _WORKER.clear()
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            queue = ctx.Queue()
+            for d in devices[:n_proc]:
+                queue.put(d)
+            threads = max(1, (os.cpu_count() or 1) // n_proc)
+            with ctx.Pool(n_proc, initializer=_init_worker,
+                          initargs=(queue, threads, models_dir, data_dir)) as pool:
+                jobs = ((cfg, c, evaluate_fn) for c in pending)
+                for key, res in pool.imap_unordered(_work, jobs):
+                    save(key, res)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    df, _ = write_tables(out)
+    return {"cells": len(cells), "done_before": len(done), "computed": computed,
+            "rows": len(df), "seconds": seconds,
+            "complete": len(done) + computed == len(cells)}
