@@ -1,0 +1,331 @@
+"""HAS schedule search end to end (paper §3.3, §4.4, §5.2): search, baselines, held-out test.
+
+:func:`run_has_search` is what ``hasched search`` (and the demo) call. It
+
+1. loads the search images and the disjoint held-out images (overlap is an error);
+2. runs the searcher (``"ga"``, the paper's, or ``"random"``) ``runs`` times on the search
+   images; the fitness of a schedule is its mean top-1 accuracy over ``repeats`` fresh error
+   instances (:class:`ScheduleProblem`, one batched call per population);
+3. runs random search with, per run, exactly the number of fitness evaluations the GA used;
+4. evaluates clean, identity (unshuffled, the reference), the HAS best and the random best
+   on the held-out images with fresh error instances, ``holdout_repeats`` times each;
+5. writes ``config.json``, ``schedule.json`` (loadable by ``hasched evaluate --schedule``),
+   ``schedule-random.json``, ``history.csv``, ``convergence.png``, ``recovery.png``,
+   ``summary.md`` and, last, ``summary.json``.
+
+Every run checkpoints each generation to ``out/ckpt/``; calling again with the same settings
+resumes from the last completed generation (bit-for-bit the uninterrupted result) and a
+finished folder is returned from its ``summary.json`` at once. Other settings for an existing
+folder are refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hasched.errors import HaschedError
+from hasched.evaluate import FaultyEvaluator, summarize
+from hasched.search import (
+    GAConfig,
+    PermutationProblem,
+    RandomSearchConfig,
+    SearchResult,
+    best_of,
+    create_searcher,
+)
+
+__all__ = ["SearchSettings", "ScheduleProblem", "check_disjoint", "run_has_search"]
+
+_M63 = 2**63
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (an LCG-style hash; no Python ``hash``)."""
+    h = 0x243F6A8885A308D3
+    for p in parts:
+        h = (h * 6364136223846793005 + int(p) + 1442695040888963407) % _M63
+        h ^= h >> 29
+    return h
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything that determines a search's result (``device`` excepted).
+
+    Attributes:
+        model, seed: registered model and model seed.
+        layers: faulty (and searched) layers, e.g. ``"c0"`` or ``"h2,op"`` (joint search).
+        error, fr_max, profile_seed, n_sms: the fault scenario.
+        algorithm: ``"ga"`` (HAS) or ``"random"``.
+        population, generations: GA size (random search gets ``population`` *
+            (``generations`` + 1) evaluations when it is the main algorithm).
+        runs: independent runs; the best on the search images is kept (paper: 3).
+        repeats: error instances per fitness evaluation (paper: 3).
+        search_images, holdout_images: disjoint test-image ranges (``A:B`` etc.).
+        holdout_repeats: fresh error instances on the held-out images.
+        search_seed: run ``i`` is seeded with ``search_seed + i``.
+        holdout_seed: seed of the held-out error instances.
+        device: ``cpu``, ``cuda`` or ``auto`` (not part of the resume check).
+    """
+
+    model: str = "mnist32-cnn"
+    seed: int = 1
+    layers: str = "c0"
+    error: str = "flip-to-1"
+    fr_max: float = 5e-3
+    profile_seed: int = 1
+    algorithm: str = "ga"
+    population: int = 20
+    generations: int = 100
+    runs: int = 3
+    repeats: int = 3
+    search_images: str = "5120:"
+    holdout_images: str = ":5120"
+    holdout_repeats: int = 10
+    search_seed: int = 0
+    holdout_seed: int = 20240101
+    n_sms: int = 20
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("ga", "random"):
+            raise HaschedError(f"--algorithm must be ga or random, got {self.algorithm!r}")
+        for name, low in (("population", 2), ("generations", 0), ("runs", 1), ("repeats", 1),
+                          ("holdout_repeats", 2)):
+            if getattr(self, name) < low:
+                raise HaschedError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+    def key(self) -> dict:
+        """The settings a resumed run must share with the original one."""
+        d = dataclasses.asdict(self)
+        d.pop("device")
+        return d
+
+
+class ScheduleProblem(PermutationProblem):
+    """Fitness of schedules = mean accuracy over ``repeats`` fresh error instances.
+
+    The error draws of each ``evaluate`` call come from a generator seeded with
+    ``(seed, individuals evaluated so far)``: every call sees fresh instances, the sequence is
+    reproducible from ``seed``, and a resumed run (``evaluated`` restored from its
+    checkpoint) continues the exact sequence of the uninterrupted one.
+
+    Args:
+        ev: evaluator on the search images, its faulty layers are the searched ones.
+        repeats: error instances per schedule.
+        seed: seed of this run's fitness noise.
+        evaluated: individuals already evaluated (when resuming).
+    """
+
+    def __init__(self, ev: FaultyEvaluator, repeats: int, seed: int, evaluated: int = 0) -> None:
+        super().__init__(ev.rows)
+        self.ev, self.repeats, self.seed, self.evaluated = ev, repeats, seed, evaluated
+
+    def evaluate(self, perms: dict[str, torch.Tensor]) -> torch.Tensor:
+        g = torch.Generator(device=self.ev.device).manual_seed(mix_seed(self.seed, self.evaluated))
+        acc = self.ev.accuracy(perms, repeats=self.repeats, generator=g)  # (P, repeats)
+        self.evaluated += acc.shape[0]
+        return acc.mean(1)
+
+
+def check_disjoint(search: dict, holdout: dict) -> None:
+    """Raise if two image ranges (``{"start", "stop"}`` dicts) overlap."""
+    if search["start"] < holdout["stop"] and holdout["start"] < search["stop"]:
+        raise HaschedError(
+            f"search images {search['start']}:{search['stop']} and held-out images "
+            f"{holdout['start']}:{holdout['stop']} overlap; they must be disjoint")
+
+
+def _ckpt_progress(path: Path) -> tuple[int, int]:
+    """``(individuals evaluated, history entries)`` saved in a searcher checkpoint."""
+    if not path.exists():
+        return 0, 0
+    try:
+        state = torch.load(path, weights_only=True)
+        return int(state["evaluations"]), len(state["history"])
+    except Exception as e:  # the searcher reports the details when it loads the file
+        raise HaschedError(f"checkpoint {path} is unreadable; delete it to restart") from e
+
+
+def _run_one(searcher, ev, s: SearchSettings, run_seed: int, stream: int, ckpt: Path,
+             total: int, label: str, progress: bool) -> SearchResult:
+    from tqdm import tqdm
+
+    done_evals, done_steps = _ckpt_progress(ckpt)
+    problem = ScheduleProblem(ev, s.repeats, mix_seed(stream, run_seed), done_evals)
+    with tqdm(total=total, initial=done_steps, desc=label, file=sys.stderr, unit="gen",
+              disable=not progress, leave=False) as bar:
+        def cb(h: dict) -> None:
+            bar.set_postfix(best=f"{h['best_fitness']:.4f}", evals=h["evaluations"])
+            bar.update(1)
+
+        return searcher.run(problem, run_seed, cb, ckpt)
+
+
+def _stats(values: list[float], images: int) -> dict:
+    st = summarize(values)
+    return {"mean": st["mean"], "std": st["std"], "ci95": st["ci95"], "repeats": st["n"],
+            "images": images, "values": [float(v) for v in values]}
+
+
+def _history_rows(algorithm: str, results: list[SearchResult], seeds: list[int]) -> list[dict]:
+    return [{"algorithm": algorithm, "run": i, "seed": sd, **h}
+            for i, (r, sd) in enumerate(zip(results, seeds, strict=True)) for h in r.history]
+
+
+def run_has_search(
+    out: str | Path,
+    settings: SearchSettings | None = None,
+    *,
+    models_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+    **overrides,
+) -> dict:
+    """Search a fault-aware schedule and evaluate it honestly; returns ``summary.json``'s dict.
+
+    Args:
+        out: output folder (created; resumed when it holds a run with the same settings).
+        settings: what to search; keyword ``overrides`` replace fields of it (or of the
+            defaults), e.g. ``run_has_search("out", layers="h2,op", error="bf16", fr_max=0.5)``.
+        models_dir, data_dir: checkpoint store and dataset folder.
+        log: receives one-line status messages.
+        progress: show tqdm bars on stderr.
+
+    Raises:
+        HaschedError: bad settings, overlapping image ranges, or ``out`` holding another run.
+    """
+    from hasched.api import (
+        FaultScenario,
+        build_evaluator,
+        load_images,
+        resolve_device,
+        save_schedule,
+    )
+    from hasched.hardware import AcceleratorConfig
+
+    s = dataclasses.replace(settings or SearchSettings(), **overrides)
+    log = log or (lambda _m: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path, sum_path = out / "config.json", out / "summary.json"
+    if cfg_path.exists():
+        saved = json.loads(cfg_path.read_text())
+        if saved != json.loads(json.dumps(s.key())):
+            diff = sorted(k for k in set(saved) | set(s.key()) if saved.get(k) != s.key().get(k))
+            raise HaschedError(f"{out} holds a search with other settings ({', '.join(diff)}); "
+                               "use another --out or delete it")
+        if sum_path.exists():
+            log(f"{out}: finished earlier; reading {sum_path}")
+            return json.loads(sum_path.read_text())
+    else:
+        cfg_path.write_text(json.dumps(s.key(), indent=1))
+    t0 = time.perf_counter()
+
+    accel = AcceleratorConfig(n_sms=s.n_sms)
+    scn = FaultScenario(error=s.error, fr_max=s.fr_max, profile_seed=s.profile_seed, accel=accel)
+    scn.error_model()
+    dev = resolve_device(s.device)
+    data_s = load_images(s.model, s.search_images, data_dir, dev)
+    data_h = load_images(s.model, s.holdout_images, data_dir, dev)
+    check_disjoint(data_s[2], data_h[2])
+    ev = build_evaluator(s.model, s.seed, s.layers, scn, device=dev, models_dir=models_dir,
+                         data_dir=data_dir, log=log, progress=progress, data=data_s)
+    ev_h = build_evaluator(s.model, s.seed, s.layers, scn, device=dev, models_dir=models_dir,
+                           data_dir=data_dir, log=log, progress=progress, data=data_h)
+
+    seeds = [s.search_seed + i for i in range(s.runs)]
+    ckdir = out / "ckpt"
+    if s.algorithm == "ga":
+        ga = create_searcher("ga", GAConfig(population=s.population, generations=s.generations))
+        main = [_run_one(ga, ev, s, sd, 1, ckdir / f"run{i}.pt", s.generations + 1,
+                         f"ga run {i + 1}/{s.runs}", progress) for i, sd in enumerate(seeds)]
+    else:
+        main = []
+    # Random search: per run, the GA's actual number of evaluations (or the GA's maximum).
+    rand = []
+    for i, sd in enumerate(seeds):
+        budget = main[i].evaluations if main else s.population * (s.generations + 1)
+        rs = create_searcher("random", RandomSearchConfig(evaluations=budget, batch=s.population))
+        rand.append(_run_one(rs, ev, s, sd, 2, ckdir / f"random{i}.pt",
+                             -(-budget // s.population), f"random run {i + 1}/{s.runs}", progress))
+    main = main or rand
+    best, rbest = best_of(main), best_of(rand)
+    search_seconds = sum(r.seconds for r in main) + (sum(r.seconds for r in rand)
+                                                     if main is not rand else 0.0)
+    log(f"search done: best fitness {best.best_fitness:.4f} ({s.algorithm}), random "
+        f"{rbest.best_fitness:.4f}, {sum(r.evaluations for r in main)} evaluations")
+
+    # Held-out: identity, HAS best and random best in one batched call, fresh errors.
+    ident = {k: torch.arange(n) for k, n in ev.rows.items()}
+    perms = {k: torch.stack([ident[k], best.best[k], rbest.best[k]]) for k in ev.rows}
+    g = torch.Generator(device=ev_h.device).manual_seed(s.holdout_seed)
+    acc = ev_h.accuracy(perms, repeats=s.holdout_repeats, generator=g).tolist()  # (3, R)
+    n_h = ev_h.n_images
+    clean = ev_h.clean_accuracy
+    results = {
+        "clean": {"mean": clean, "std": 0.0, "ci95": [clean, clean], "repeats": 1,
+                  "images": n_h, "values": [clean]},
+        "identity": _stats(acc[0], n_h), "has": _stats(acc[1], n_h), "random": _stats(acc[2], n_h),
+    }
+    lost = clean - results["identity"]["mean"]
+    gained = results["has"]["mean"] - results["identity"]["mean"]
+
+    meta = {"model": s.model, "seed": s.seed, "layers": ev.layers, "error": s.error,
+            "fr_max": s.fr_max, "profile_seed": s.profile_seed,
+            "accelerator": dataclasses.asdict(accel), "algorithm": s.algorithm,
+            "search_seed": s.search_seed, "search_images": data_s[2],
+            "checkpoint": {k: ev.info["checkpoint"].get(k) for k in ("test_accuracy", "epochs")}}
+    save_schedule(out / "schedule.json", best.best, **meta, fitness=best.best_fitness,
+                  holdout_accuracy=results["has"]["mean"])
+    save_schedule(out / "schedule-random.json", rbest.best, **{**meta, "algorithm": "random"},
+                  fitness=rbest.best_fitness, holdout_accuracy=results["random"]["mean"])
+    rows = _history_rows(s.algorithm, main, seeds)
+    if main is not rand:
+        rows += _history_rows("random", rand, seeds)
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["algorithm", "run", "seed", "generation", "evaluations",
+                               "best_fitness", "mean_fitness"])
+        w.writeheader()
+        w.writerows(rows)
+
+    summary = {
+        "settings": {**s.key(), "device": str(dev)},
+        "layers": ev.layers, "rows": ev.rows,
+        "search_images": data_s[2], "holdout_images": data_h[2],
+        "results": results,
+        "degradation": lost, "recovery": gained,
+        "recovered_fraction": gained / lost if lost > 0 else None,
+        "has_minus_random": results["has"]["mean"] - results["random"]["mean"],
+        "search": {
+            "best_fitness": best.best_fitness, "random_best_fitness": rbest.best_fitness,
+            "run_best_fitness": [r.best_fitness for r in main],
+            "evaluations": [r.evaluations for r in main],
+            "random_evaluations": [r.evaluations for r in rand],
+            "search_seconds": search_seconds,
+        },
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    from hasched.report.search import plot_convergence, plot_recovery, write_markdown
+
+    plot_convergence(rows, out / "convergence.png",
+                     title=f"{s.model} {'+'.join(ev.layers)} {s.error} FR_max {s.fr_max:g}")
+    plot_recovery(summary, out / "recovery.png")
+    write_markdown(summary, out / "summary.md")
+    tmp = sum_path.with_name("summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(sum_path)
+    log(f"held-out ({n_h} images, {s.holdout_repeats} repeats): clean {clean:.4f} | identity "
+        f"{results['identity']['mean']:.4f} | HAS {results['has']['mean']:.4f} | random "
+        f"{results['random']['mean']:.4f} -> {out}")
+    return summary

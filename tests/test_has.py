@@ -1,0 +1,175 @@
+"""Tests for hasched.has: schedule files, disjoint image sets, determinism, outputs, resume.
+
+Tiny synthetic MNIST-like data (128 test images) and a 2-step model; no downloads.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hasched import data
+from hasched.api import FaultScenario, build_evaluator, load_schedule, save_schedule
+from hasched.errors import HaschedError
+from hasched.has import ScheduleProblem, SearchSettings, check_disjoint, run_has_search
+from hasched.search import create_searcher
+from hasched.train import save_checkpoint, train_model
+
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(gzip.compress(header + arr.tobytes()))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(data_dir, models_dir) with synthetic mnist and a tiny mnist32-cnn seed 1."""
+    root = tmp_path_factory.mktemp("has")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("test", 128)):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for i, lab in enumerate(labels):
+            images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
+        (root / "data" / "mnist").mkdir(parents=True, exist_ok=True)
+        _write_idx(root / "data" / "mnist" / FILES[split][0], images)
+        _write_idx(root / "data" / "mnist" / FILES[split][1], labels)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no dl")))
+    model, meta = train_model("mnist32-cnn", 1, data_dir=root / "data", train_subset=256,
+                              max_steps=2, progress=False, download=False)
+    save_checkpoint(model, meta, root / "models")
+    yield root / "data", root / "models"
+    mp.undo()
+
+
+def _ev(store, fr_max=5e-3, images="96:"):
+    d, m = store
+    scn = FaultScenario("flip-to-1", fr_max, 1)
+    return build_evaluator("mnist32-cnn", 1, ["c0"], scn, images, data_dir=d, models_dir=m,
+                           progress=False)
+
+
+def _kw(store, **over):
+    d, m = store
+    s = SearchSettings(population=4, generations=2, runs=2, repeats=2, search_images="96:",
+                       holdout_images=":32", holdout_repeats=3)
+    return dict(settings=s, data_dir=d, models_dir=m, progress=False, **over)
+
+
+def test_schedule_round_trip_and_zero_faults_keep_clean_accuracy(store, tmp_path):
+    ev = _ev(store, fr_max=0.0)
+    perm = torch.randperm(ev.rows["c0"], generator=torch.Generator().manual_seed(3))
+    save_schedule(tmp_path / "schedule.json", {"c0": perm}, model="mnist32-cnn", fr_max=0.0)
+    loaded, meta = load_schedule(tmp_path, ev.rows)
+    assert torch.equal(loaded["c0"][0], perm) and meta["model"] == "mnist32-cnn"
+    acc = ev.accuracy(loaded, repeats=2, generator=torch.Generator().manual_seed(0))
+    assert acc.shape == (1, 2)
+    assert torch.all(acc == ev.clean_accuracy)
+    # With faults the schedule matters, so the check above is not vacuous.
+    ev5 = _ev(store, fr_max=0.5)
+    assert ev5.accuracy(loaded, 2, torch.Generator().manual_seed(0)).max() < ev5.clean_accuracy
+
+
+def test_disjoint_image_sets(store, tmp_path):
+    check_disjoint({"start": 64, "stop": 128}, {"start": 0, "stop": 64})
+    with pytest.raises(HaschedError, match="overlap"):
+        check_disjoint({"start": 60, "stop": 128}, {"start": 0, "stop": 64})
+    with pytest.raises(HaschedError, match="overlap"):
+        run_has_search(tmp_path / "o", **_kw(store, search_images="16:", holdout_images=":32"))
+
+
+@pytest.mark.parametrize("alg", ["ga", "random"])
+def test_same_seed_same_search(store, alg):
+    ev = _ev(store, fr_max=0.05)
+    cfg = {"population": 4, "generations": 2} if alg == "ga" else {"evaluations": 8, "batch": 4}
+    res = [create_searcher(alg, cfg).run(ScheduleProblem(ev, 2, seed), seed)
+           for seed in (7, 7, 8)]
+    assert torch.equal(res[0].best["c0"], res[1].best["c0"])
+    assert res[0].history == res[1].history
+    assert res[0].history != res[2].history or not torch.equal(res[0].best["c0"],
+                                                               res[2].best["c0"])
+
+
+def test_fitness_draws_fresh_errors_per_call_but_reproducibly(store):
+    ev = _ev(store, fr_max=0.2)
+    p = ScheduleProblem(ev, 2, seed=1)
+    pop = {"c0": torch.arange(ev.rows["c0"]).repeat(4, 1)}
+    a, b = p.evaluate(pop), p.evaluate(pop)
+    assert p.evaluated == 8 and not torch.equal(a, b)
+    q = ScheduleProblem(ev, 2, seed=1, evaluated=4)
+    assert torch.equal(q.evaluate(pop), b)
+
+
+@pytest.fixture(scope="module")
+def ref_run(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    return out, run_has_search(out, **_kw(store))
+
+
+def test_end_to_end_outputs_and_config_mismatch(store, ref_run):
+    out, s = ref_run
+    for f in ("summary.json", "schedule.json", "schedule-random.json", "history.csv",
+              "convergence.png", "recovery.png", "summary.md", "config.json"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    summ = json.loads((out / "summary.json").read_text())
+    for k in ("clean", "identity", "has", "random"):
+        r = summ["results"][k]
+        assert set(r) >= {"mean", "std", "ci95", "repeats", "images"} and r["images"] == 32
+        assert r["ci95"][0] <= r["mean"] <= r["ci95"][1]
+    assert summ["results"]["has"]["repeats"] == 3
+    # Random search got exactly the GA's evaluation count, run by run.
+    assert summ["search"]["random_evaluations"] == summ["search"]["evaluations"]
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert {r["algorithm"] for r in rows} == {"ga", "random"}
+    assert len([r for r in rows if r["algorithm"] == "ga"]) == 2 * 3
+    assert summ["search_images"]["start"] >= summ["holdout_images"]["stop"]
+    ev = _ev(store)
+    perms, meta = load_schedule(out / "schedule.json", ev.rows)
+    assert meta["error"] == "flip-to-1" and meta["fr_max"] == 5e-3 and meta["layers"] == ["c0"]
+    assert s == summ
+    # Finished: returned from disk; other settings: refused.
+    assert run_has_search(out, **_kw(store)) == summ
+    with pytest.raises(HaschedError, match="other settings"):
+        run_has_search(out, **_kw(store, fr_max=1e-3))
+
+
+def test_resume_after_kill_is_identical(store, ref_run, tmp_path, monkeypatch):
+    ref_dir, ref = ref_run
+    import hasched.has as has
+
+    calls = {"n": 0}
+    orig = ScheduleProblem.evaluate
+
+    def dying(self, perms):
+        calls["n"] += 1
+        if calls["n"] == 5:  # mid second GA run
+            raise KeyboardInterrupt
+        return orig(self, perms)
+
+    monkeypatch.setattr(has.ScheduleProblem, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_has_search(tmp_path / "res", **_kw(store))
+    assert not (tmp_path / "res" / "summary.json").exists()
+    assert (tmp_path / "res" / "ckpt" / "run0.pt").exists()
+    monkeypatch.setattr(has.ScheduleProblem, "evaluate", orig)
+    res = run_has_search(tmp_path / "res", **_kw(store))
+    assert res["results"] == ref["results"]
+    assert res["search"]["best_fitness"] == ref["search"]["best_fitness"]
+    a = json.loads((ref_dir / "schedule.json").read_text())["permutations"]
+    b = json.loads((tmp_path / "res" / "schedule.json").read_text())["permutations"]
+    assert a == b
+    assert (ref_dir / "history.csv").read_text() == \
+        (tmp_path / "res" / "history.csv").read_text()
