@@ -174,6 +174,62 @@ def evaluate(
                f"over {repeats} repeats" + (" (with schedule)" if perms else ""))
 
 
+@app.command()
+def search(
+    out: Annotated[Path, typer.Option(help="Output folder (resumed if it holds this run).")],
+    model: ModelOpt = "mnist32-cnn",
+    seed: SeedOpt = 1,
+    layers: Annotated[str, typer.Option(help="Searched faulty layers: c0 | h2,op (joint).")] = "c0",
+    error: ErrorOpt = "flip-to-1",
+    fr_max: FrMaxOpt = 5e-3,
+    profile_seed: ProfileSeedOpt = 1,
+    algorithm: Annotated[str, typer.Option(help="ga (HAS) or random.")] = "ga",
+    population: Annotated[int, typer.Option(help="GA population.")] = 20,
+    generations: Annotated[int, typer.Option(help="GA generations.")] = 100,
+    runs: Annotated[int, typer.Option(help="Independent runs; the best is kept.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Error instances per fitness evaluation.")] = 3,
+    search_images: Annotated[str, typer.Option(help="Fitness images (A:B).")] = "5120:",
+    holdout_images: Annotated[str, typer.Option(help="Held-out images (disjoint).")] = ":5120",
+    holdout_repeats: Annotated[int, typer.Option(help="Held-out error instances.")] = 10,
+    search_seed: Annotated[int, typer.Option(help="Run i is seeded search_seed + i.")] = 0,
+    device: DeviceOpt = "cpu",
+    n_sms: NSmsOpt = 20,
+    models_dir: ModelsDirOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Search a fault-aware schedule (HAS) and evaluate it on held-out images."""
+    from hasched.has import SearchSettings, run_has_search
+
+    s = SearchSettings(model=model, seed=seed, layers=layers, error=error, fr_max=fr_max,
+                       profile_seed=profile_seed, algorithm=algorithm, population=population,
+                       generations=generations, runs=runs, repeats=repeats,
+                       search_images=search_images, holdout_images=holdout_images,
+                       holdout_repeats=holdout_repeats, search_seed=search_seed,
+                       n_sms=n_sms, device=device)
+    res = run_has_search(out, s, models_dir=models_dir, data_dir=data_dir, log=_log)
+    r = res["results"]
+    typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} "
+               f"repeats): clean {r['clean']['mean']:.4f} | degraded (identity) "
+               f"{r['identity']['mean']:.4f} | HAS {r['has']['mean']:.4f} | random "
+               f"{r['random']['mean']:.4f}")
+    typer.echo(f"report: {Path(out) / 'summary.md'}")
+
+
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option(help="Output folder (finished cases are skipped).")],
+    quick: Annotated[bool, typer.Option(help="Reduced plan for a 2-core CPU (~20 min).")] = False,
+    device: DeviceOpt = "cpu",
+    models_dir: ModelsDirOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run the paper's §5.2 recovery cases and write REPORT.md."""
+    from hasched.reproduce import run_reproduce
+
+    run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log)
+    typer.echo(f"report: {Path(out) / 'REPORT.md'}")
+
+
 # Further commands (sensitivity, report, search, reproduce, bench, demo) are added below.
 
 

@@ -1,0 +1,183 @@
+"""``hasched reproduce``: the paper's §5.2 recovery cases, side by side with its numbers.
+
+Every (case, model seed, profile seed) is one :func:`hasched.has.run_has_search` folder under
+``out/cases/``; finished folders are read back, unfinished ones resume from their last
+generation, so a killed ``reproduce`` picks up where it stopped. ``REPORT.md`` and
+``recovery-cases.png`` are rewritten at the end from all finished folders.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from hasched.evaluate import summarize
+from hasched.has import SearchSettings, run_has_search
+
+__all__ = ["Case", "paper_cases", "QUICK", "FULL", "run_reproduce"]
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    layers: str
+    error: str
+    fr_max: float
+    paper: str  # what the paper's text reports for this case
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} {self.layers.replace(',', '+')} {self.error} {self.fr_max:g}"
+
+    @property
+    def slug(self) -> str:
+        return f"{self.model}_{self.layers.replace(',', '+')}_{self.error}_{self.fr_max:g}"
+
+
+def paper_cases() -> list[Case]:
+    """All §5.2 cases with the paper's reported degradation/recovery (from its text)."""
+    cases = []
+    for err in ("flip-to-1", "bitflip"):
+        for fr in (1e-3, 2e-3, 5e-3):
+            cases.append(Case("mnist32-cnn", "c0", err, fr,
+                              "~55% -> ~85% (+~30 points)" if fr == 5e-3
+                              else "almost all lost accuracy recovered"))
+    for err in ("tf32", "bf16"):
+        for fr in (0.1, 0.2, 0.5):
+            for layers in ("h2", "op", "h2,op"):
+                cases.append(Case("mnist32-cnn", layers, err, fr,
+                                  "+~5 points" if layers == "h2,op" else "+2-4 points"))
+    for err in ("flip-to-1", "bitflip"):
+        for layers, text in (("c0", "+~5 points; almost full recovery"), ("c1", "+~5 points"),
+                             ("c0,c1", "+~10 points")):
+            cases.append(Case("fashion-cnn", layers, err, 0.5, text))
+    return cases
+
+
+@dataclass(frozen=True)
+class Plan:
+    cases: list[Case]
+    model_seeds: tuple[int, ...]
+    profile_seeds: tuple[int, ...]
+    settings: SearchSettings
+    description: str
+
+
+FULL = Plan(
+    paper_cases(), (1, 2, 3), (1, 2),
+    SearchSettings(population=20, generations=100, runs=3, repeats=3, search_images="5120:",
+                   holdout_images=":5120", holdout_repeats=10),
+    "all 42 §5.2 cases x model seeds 1,2,3 x profile seeds 1,2; paper GA (population 20, "
+    "100 generations, 3 runs, 3 repeats), search images 5120:, held-out :5120, 10 repeats",
+)
+_QUICK_CASES = [c for c in paper_cases() if c.model == "mnist32-cnn" and (
+    (c.layers == "c0" and c.fr_max == 5e-3) or (c.layers == "h2,op" and c.error == "bf16"
+                                                and c.fr_max == 0.5))]
+QUICK = Plan(
+    _QUICK_CASES, (1,), (1,),
+    SearchSettings(population=10, generations=8, runs=1, repeats=2, search_images="5120:5620",
+                   holdout_images=":1000", holdout_repeats=10),
+    "3 cases (mnist32-cnn c0 flip-to-1 and bitflip at 5e-3, h2+op bf16 at 0.5), model seed 1, "
+    "profile seed 1; GA population 10, 8 generations, 1 run, 2 repeats on search images "
+    "5120:5620 (500); held-out :1000 with 10 repeats; random search at the GA's budget",
+)
+
+
+def _agg(vals: list[dict]) -> dict:
+    """Mean over seed combinations; 95% t-interval over them (one combo: its own CI)."""
+    if len(vals) == 1:
+        return {"mean": vals[0]["mean"], "ci95": list(vals[0]["ci95"]), "n": 1}
+    st = summarize([v["mean"] for v in vals])
+    return {"mean": st["mean"], "ci95": st["ci95"], "n": st["n"]}
+
+
+def _pct(st: dict) -> str:
+    return f"{100 * st['mean']:.1f} [{100 * st['ci95'][0]:.1f}, {100 * st['ci95'][1]:.1f}]"
+
+
+def run_reproduce(
+    out: str | Path,
+    quick: bool = False,
+    *,
+    device: str = "cpu",
+    models_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows."""
+    from hasched.report.search import plot_cases
+
+    plan = QUICK if quick else FULL
+    log = log or (lambda _m: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = []
+    for k, case in enumerate(plan.cases):
+        runs = []
+        for ms in plan.model_seeds:
+            for ps in plan.profile_seeds:
+                log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
+                s = replace(plan.settings, model=case.model, seed=ms, layers=case.layers,
+                            error=case.error, fr_max=case.fr_max, profile_seed=ps,
+                            device=device)
+                runs.append(run_has_search(out / "cases" / case.slug / f"ms{ms}_ps{ps}", s,
+                                           models_dir=models_dir, data_dir=data_dir, log=log,
+                                           progress=progress))
+        row = {"case": case, "runs": len(runs),
+               "search_seconds": sum(r["search"]["search_seconds"] for r in runs)}
+        for key in ("clean", "identity", "has", "random"):
+            row[key] = _agg([r["results"][key] for r in runs])
+        row["recovery"] = _agg([{"mean": r["recovery"], "ci95": [r["recovery"]] * 2}
+                                for r in runs])
+        row["has_minus_random"] = _agg([{"mean": r["has_minus_random"],
+                                         "ci95": [r["has_minus_random"]] * 2} for r in runs])
+        rows.append(row)
+    plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
+                                                                 "random")}} for r in rows],
+               out / "recovery-cases.png")
+    wall = time.perf_counter() - t0
+    _write_report(out / "REPORT.md", plan, rows, wall, quick)
+    log(f"wrote {out / 'REPORT.md'} ({wall:.0f} s)")
+    return rows
+
+
+def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: bool) -> None:
+    lines = [
+        f"# HAS reproduction (paper §5.2){' -- quick' if quick else ''}",
+        "",
+        f"Plan: {plan.description}.",
+        "",
+        "Accuracies are held-out top-1 % with 95% intervals (over seed combinations when "
+        "there are several, else over the held-out repeats of the single run). 'Paper' is "
+        "what the paper's text reports for the case (it gives no intervals).",
+        "",
+        "| case | paper | clean | degraded (identity) | HAS | random (same budget) | "
+        "recovery (points) | HAS - random | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rec, hmr = r["recovery"], r["has_minus_random"]
+        lines.append(
+            f"| {r['case'].name} | {r['case'].paper} | {_pct(r['clean'])} | "
+            f"{_pct(r['identity'])} | {_pct(r['has'])} | {_pct(r['random'])} | "
+            f"{100 * rec['mean']:+.1f}" + (f" [{100 * rec['ci95'][0]:+.1f}, "
+                                           f"{100 * rec['ci95'][1]:+.1f}]" if rec["n"] > 1
+                                           else "")
+            + f" | {100 * hmr['mean']:+.1f} | {r['runs']} |")
+    secs = sum(r["search_seconds"] for r in rows)
+    lines += [
+        "",
+        f"Search time (summed, including earlier resumed sessions): {secs:.0f} s; this "
+        f"invocation's wall time: {wall:.0f} s.",
+        "",
+        "![recovery per case](recovery-cases.png)",
+        "",
+        "Per-run folders (summary.json, schedule.json, history.csv, convergence.png, "
+        "recovery.png, summary.md) are under `cases/<case>/ms<model seed>_ps<profile seed>/`.",
+        "",
+    ]
+    path.write_text("\n".join(lines))
