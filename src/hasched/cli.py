@@ -175,6 +175,64 @@ def evaluate(
 
 
 @app.command()
+def sensitivity(
+    out: Annotated[Path, typer.Option("--out", help="Campaign folder (resumed if it exists).")],
+    model: ModelOpt = "mnist32-cnn",
+    seeds: Annotated[str, typer.Option(help="Model seeds, e.g. 1,2,3.")] = "1,2,3",
+    layers: Annotated[str, typer.Option(
+        help="all | c0,h2 (one at a time) | c0+c1 (faulted together).")] = "all",
+    errors: Annotated[str, typer.Option(
+        help="all (the paper's five) | flip-to-1,bitflip.")] = "all",
+    fr_max: Annotated[str, typer.Option(
+        "--fr-max", help="paper (Table 1 per error) | sweep (Table 1 + 1e-4..0.5) | "
+        "1e-3,2e-3,5e-3.")] = "paper",
+    profile_seeds: Annotated[str, typer.Option(help="Fault-profile seeds.")] = "1,2",
+    repeats: Annotated[int, typer.Option(help="Fresh error instances per cell.")] = 3,
+    images: Annotated[str | None, typer.Option(
+        help="Test images: N, A:B or all.")] = "1000",
+    workers: Annotated[int, typer.Option(help="CPU worker processes.")] = 1,
+    device: DeviceOpt = "cpu",
+    models_dir: ModelsDirOpt = None,
+    data_dir: DataDirOpt = None,
+    report: Annotated[bool, typer.Option(help="Write figures and report.md at the end.")] = True,
+) -> None:
+    """Fault-sensitivity campaign (paper 5.1): accuracy over a grid of faulty scenarios."""
+    from hasched.campaign import CampaignConfig, run_campaign
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = CampaignConfig.from_args(model, seeds, layers, errors, fr_max, profile_seeds,
+                                   repeats, None if images == "all" else images, device)
+    res = run_campaign(cfg, out, workers=workers, models_dir=models_dir, data_dir=data_dir,
+                       log=_log)
+    typer.echo(f"{res['computed']} cells computed, {res['done_before']} already done, "
+               f"{res['cells']} in the grid; {res['rows']} rows in {out / 'results.csv'} "
+               f"({res['seconds']:.0f} s)")
+    if report:
+        from hasched.report.sensitivity import write_report
+
+        typer.echo(f"report: {write_report(out)['report']}")
+
+
+@app.command("report")
+def report_cmd(
+    dirs: Annotated[list[Path], typer.Argument(
+        help="Campaign folder(s); several are compared (e.g. mnist32-cnn and fashion-cnn).")],
+    out: Annotated[Path | None, typer.Option(
+        help="Where report.md and figures go [default: the first folder].")] = None,
+) -> None:
+    """(Re)draw tables, figures and report.md from saved sensitivity results."""
+    from hasched.report.sensitivity import write_report
+
+    res = write_report(list(dirs), out)
+    for p in res["figures"]:
+        typer.echo(f"figure: {p}")
+    typer.echo(f"report: {res['report']}")
+
+
+@app.command()
 def search(
     out: Annotated[Path, typer.Option(help="Output folder (resumed if it holds this run).")],
     model: ModelOpt = "mnist32-cnn",
