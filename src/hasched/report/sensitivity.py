@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -38,6 +39,7 @@ def plot_sensitivity(summary: pd.DataFrame, model: str, path: str | Path) -> Pat
         ax.axhline(100 * d["clean_accuracy"].mean(), color="grey", ls=":", lw=1,
                    label="fault-free")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(err)
         ax.set_xlabel("FR_max")
         ax.grid(True, which="both", alpha=0.3)
@@ -169,6 +171,11 @@ def write_report(dirs: str | Path | list[str | Path], out: str | Path | None = N
                      f"{list(cfg.layers)}, errors {list(cfg.errors)}, FR_max {cfg.fr_max}, "
                      f"profile seeds {list(cfg.profile_seeds)}, {cfg.repeats} repeats, "
                      f"images {cfg.images}, {cfg.device}; {n} evaluations")
+    for model, clean in df.groupby("model")["clean_accuracy"].mean().items():
+        if clean < 0.8:
+            lines.append(f"- **warning**: {model} has a mean clean accuracy of "
+                         f"{100 * clean:.1f}%; its checkpoints look undertrained, so the "
+                         "verdicts below say little about the paper's claims")
     lines += ["", "Accuracy and degradation are mean +- sample std over model seeds x "
               "profile seeds x repeats; degradation = clean - faulty accuracy in "
               "percentage points.", "", "## Most sensitive layer per error type", "",
