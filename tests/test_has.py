@@ -173,3 +173,15 @@ def test_resume_after_kill_is_identical(store, ref_run, tmp_path, monkeypatch):
     assert a == b
     assert (ref_dir / "history.csv").read_text() == \
         (tmp_path / "res" / "history.csv").read_text()
+
+
+def test_reproduce_plan_covers_the_papers_cases():
+    from hasched.reproduce import FULL, QUICK, paper_cases
+
+    cases = paper_cases()
+    assert len(cases) == 6 + 18 + 6 == len({c.slug for c in cases})
+    assert {c.layers for c in cases if c.model == "fashion-cnn"} == {"c0", "c1", "c0,c1"}
+    assert FULL.profile_seeds == (1, 2) and set(QUICK.cases) <= set(cases)
+    hs, ho = QUICK.settings.search_images, QUICK.settings.holdout_images
+    check_disjoint({"start": int(hs.split(":")[0]), "stop": int(hs.split(":")[1])},
+                   {"start": 0, "stop": int(ho.strip(":"))})

@@ -77,11 +77,11 @@ _QUICK_CASES = [c for c in paper_cases() if c.model == "mnist32-cnn" and (
                                                 and c.fr_max == 0.5))]
 QUICK = Plan(
     _QUICK_CASES, (1,), (1,),
-    SearchSettings(population=10, generations=8, runs=1, repeats=2, search_images="5120:5620",
+    SearchSettings(population=10, generations=6, runs=1, repeats=2, search_images="5120:5520",
                    holdout_images=":1000", holdout_repeats=10),
     "3 cases (mnist32-cnn c0 flip-to-1 and bitflip at 5e-3, h2+op bf16 at 0.5), model seed 1, "
-    "profile seed 1; GA population 10, 8 generations, 1 run, 2 repeats on search images "
-    "5120:5620 (500); held-out :1000 with 10 repeats; random search at the GA's budget",
+    "profile seed 1; GA population 10, 6 generations, 1 run, 2 repeats on search images "
+    "5120:5520 (400); held-out :1000 with 10 repeats; random search at the GA's budget",
 )
 
 
