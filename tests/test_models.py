@@ -20,6 +20,9 @@ from hasched.models import (
     weight_layers,
 )
 
+# torch notes that even-kernel 'same' padding copies the input; expected for fashion-cnn.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
+
 
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
