@@ -13,6 +13,11 @@ Layout of a campaign folder::
     DIR/results.csv          tidy table, one row per evaluation, rebuilt from the parts
     DIR/summary.csv          mean +- std over model seeds x profile seeds x repeats
 
+A folder holds exactly one grid. To grow a study (e.g. seed 1 now, seeds 2,3 later) run
+the new part into another folder and pool them with ``hasched report DIR1 DIR2``: cells
+are content-addressed (their error seed depends only on their coordinates), so pooled
+folders give the same numbers as one big campaign.
+
 Example:
     >>> cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="c0", errors="bitflip")
     >>> len(expand_grid(cfg))

@@ -27,7 +27,11 @@ THRESHOLD_PTS = 5.0
 def plot_sensitivity(summary: pd.DataFrame, model: str, path: str | Path) -> Path:
     """Accuracy vs FR_max (log x), one panel per error type, one line per layer entry."""
     s = summary[summary["model"] == model]
-    errors = list(dict.fromkeys(s["error"]))
+    from hasched.faults import PAPER_FR_MAX
+
+    order = list(PAPER_FR_MAX)
+    errors = sorted(dict.fromkeys(s["error"]),
+                    key=lambda e: (order.index(e) if e in order else len(order), e))
     n = max(1, len(errors))
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), sharey=True, squeeze=False)
     for ax, err in zip(axes[0], errors, strict=False):
@@ -40,6 +44,9 @@ def plot_sensitivity(summary: pd.DataFrame, model: str, path: str | Path) -> Pat
                    label="fault-free")
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        rates = sorted(set(d["fr_max"]))
+        if len(rates) <= 6:
+            ax.set_xticks(rates, [f"{r:g}" for r in rates])
         ax.set_title(err)
         ax.set_xlabel("FR_max")
         ax.grid(True, which="both", alpha=0.3)
