@@ -17,6 +17,7 @@ from hasched.errors import HaschedError
 
 # Captured at import: the isolation fixture below removes it from the environment.
 REAL_DATA_DIR = os.environ.get("HASCHED_DATA_DIR")
+REAL_DOWNLOAD = data._download
 
 TRAIN_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -230,3 +231,20 @@ def test_real_mnist32_test_split():
     assert 0.0 <= float(ds.images.min()) and float(ds.images.max()) <= 1.0
     counts = torch.bincount(ds.labels, minlength=10).tolist()
     assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_download_verifies_checksums_with_local_mirror(isolated, monkeypatch):
+    # A file:// "mirror" exercises the real download code without any network access.
+    mirror = make_folder(isolated / "mirror")
+    md5s = {f: data._md5_file(mirror / f) for f in TRAIN_FILES + TEST_FILES}
+    monkeypatch.setattr(data, "_download", REAL_DOWNLOAD)
+    monkeypatch.setattr(data, "_MIRRORS", {"mnist": (mirror.as_uri() + "/",)})
+    monkeypatch.setattr(data, "_MD5", {"mnist": {**md5s, TEST_FILES[0]: "0" * 32}})
+    with pytest.raises(HaschedError, match="could not download t10k-images.*checksum mismatch"):
+        find_dataset_dir("mnist32")
+    cache = isolated / "cache" / "mnist"
+    # Verified files are kept, the bad one never lands under its real name, no temp files.
+    assert sorted(p.name for p in cache.iterdir()) == sorted(TRAIN_FILES)
+    monkeypatch.setattr(data, "_MD5", {"mnist": md5s})
+    assert find_dataset_dir("mnist32") == cache.resolve()
+    assert len(load_dataset("mnist", "test", download=False)) == 4
