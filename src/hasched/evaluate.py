@@ -22,7 +22,9 @@ import torch.nn as nn
 
 from hasched.errors import HaschedError
 from hasched.faults import ErrorModel
+from hasched.gemm import choose_mode
 from hasched.hardware import AcceleratorConfig, FaultProfile
+from hasched.incremental import IncrementalEngine
 from hasched.nn import FaultState, inject_faults
 
 __all__ = ["EvalConfig", "FaultyEvaluator", "summarize"]
@@ -36,11 +38,16 @@ class EvalConfig:
         mode: Injection mode, ``"auto"``, ``"dense"`` or ``"sparse"``.
         memory_mb: Working-set budget of one chunk of images.
         prefix_batch: Images per batch when the clean prefix and predictions are computed.
+        incremental: Use delta propagation (:mod:`hasched.incremental`) when the first
+            faulty layer is on the sparse path and the model is an ``nn.Sequential``.
+        max_hits: Cap on sampled hits per chunk on the incremental path (memory).
     """
 
     mode: str = "auto"
     memory_mb: int = 512
     prefix_batch: int = 1024
+    incremental: bool = True
+    max_hits: int = 4_000_000
 
 
 def _first_faulty_child(model: nn.Sequential, layers: list[str]) -> int:
@@ -101,6 +108,23 @@ class FaultyEvaluator:
             )
             self.state.enabled = True
             self._per_sample_bytes = self._probe_bytes()
+        self.clean_ok = self.clean_pred == self.labels
+        self._engine: IncrementalEngine | None = None
+        self.last_path = ""
+
+    def _incremental(self) -> IncrementalEngine | None:
+        """The delta engine, built on first use (it caches clean activations)."""
+        if self._expand_input or not self.config.incremental:
+            return None
+        first = next(iter(self.suffix))
+        if first not in self.state.layers.values():
+            return None
+        if choose_mode(first.rates, self.config.mode) != "sparse":
+            return None
+        if self._engine is None:
+            self._engine = IncrementalEngine(self.suffix, self.inputs, self.state,
+                                             self.config.prefix_batch)
+        return self._engine
 
     @property
     def n_images(self) -> int:
@@ -169,6 +193,18 @@ class FaultyEvaluator:
         pop = st.configure(perms, repeats)
         step = self._chunk(pop)
         correct = torch.zeros(pop, dtype=torch.long, device=self.device)
+        engine = self._incremental()
+        self.last_path = "incremental" if engine is not None else "dense-suffix"
+        if engine is not None:
+            first = engine.first
+            cols = engine.acts[1][0].numel() // first.tiling.rows
+            hits_per_image = float(first.rates.sum()) * cols
+            step = max(1, min(step, int(self.config.max_hits / max(hits_per_image, 1.0))))
+            for i in range(0, self.n_images, step):
+                nb = min(step, self.n_images - i)
+                st.expanded = False
+                correct += engine.correct(i, nb, self.labels, self.clean_ok)
+            return correct.reshape(-1, repeats)
         for i in range(0, self.n_images, step):
             x = self.inputs[i:i + step]
             y = self.labels[i:i + step]

@@ -11,8 +11,8 @@ Two exact implementations of the same distribution:
 
 * **dense**: materialises every partial product and a Bernoulli mask; its cost does not
   depend on the rate, so it is the choice for rates of 0.1-0.5.
-* **sparse**: draws the *number* of hits per (row, K-block) from a binomial, then their
-  columns as a uniform subset, recomputes just those partial products and adds
+* **sparse**: draws the hit positions per (row, K-block) directly (geometric gaps, or a
+  binomial count and a uniform subset), recomputes just those partial products and adds
   ``corrupt(pp) - pp`` to the clean product. At rates of 1e-3 it touches a few hundredths of
   a percent of the partial products.
 
@@ -99,25 +99,15 @@ def choose_mode(rates: torch.Tensor, mode: str = "auto") -> str:
     return "sparse" if float(rates.mean()) < SPARSE_MEAN_RATE else "dense"
 
 
-def sample_sites(
-    rates: torch.Tensor, n_samples: int, n_cols: int, generator: torch.Generator | None
-) -> ErrorSites:
-    """Draws which partial products are hit, exactly as independent Bernoulli trials.
+def _uniform_subsets(
+    counts: torch.Tensor, n: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For location ``l``, ``counts[l]`` distinct uniform positions in ``[0, n)``.
 
-    For each (member, row, K-block) the number of hits among its ``n_samples * n_cols``
-    partial products is Binomial(n, rate); given that number, the hit positions are a
-    uniform subset, drawn with replacement and re-drawn where they collide (the procedure
-    is symmetric in the positions, so every subset is equally likely).
-
-    Args:
-        rates: ``(P, R, n_k)`` per-row rates.
-        n_samples: Samples ``B``; ``n_cols``: output columns per sample ``C``.
+    Drawn with replacement and re-drawn where they collide: the procedure is symmetric in
+    the positions, so every subset of the given size is equally likely.
     """
-    P, R, n_k = rates.shape
-    n = n_samples * n_cols
-    dev = rates.device
-    counts = torch.binomial(torch.full_like(rates, float(n)), rates, generator=generator)
-    counts = counts.reshape(-1).long()  # (P*R*n_k,)
+    dev = counts.device
     loc = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)  # (E,)
     pos = torch.randint(0, n, loc.shape, generator=generator, device=dev)
     while loc.numel() > 1:
@@ -127,6 +117,75 @@ def sample_sites(
             break
         redo = order[1:][dup]
         pos[redo] = torch.randint(0, n, redo.shape, generator=generator, device=dev)
+    return loc, pos
+
+
+def _geometric_positions(
+    p: torch.Tensor, n: int, generator: torch.Generator | None, slack: float = 6.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hit positions of independent Bernoulli(p[l]) trials ``0..n-1`` per location ``l``.
+
+    Successive gaps are Geometric(p), so positions come out distinct and sorted with no
+    sort at all; this is the fast path for locations with many expected hits. Enough gaps
+    for ``mean + slack * sqrt(mean)`` hits are drawn at once; the rare location that needs
+    more continues from its last position until it passes ``n``.
+    """
+    dev = p.device
+    idx = (p > 0).nonzero().squeeze(1)  # a zero rate never hits
+    last = torch.full(p.shape, -1, dtype=torch.long, device=dev)
+    locs, poss = [], []
+    while idx.numel():
+        pi = p[idx].double()
+        mean = (n - 1 - last[idx]).clamp(min=0).double() * pi
+        m = torch.ceil(mean + slack * mean.sqrt() + 2).long().clamp(min=1)  # (L,)
+        loc = torch.repeat_interleave(idx, m)  # (G,)
+        u = 1.0 - torch.rand(loc.shape, generator=generator, device=dev, dtype=torch.float64)
+        gap = torch.floor(torch.log(u) / torch.log1p(-p[loc].double())).long() + 1  # >= 1
+        cs = gap.cumsum(0)
+        seg_end = m.cumsum(0)
+        before = torch.cat([cs.new_zeros(1), cs[seg_end[:-1] - 1]])  # cumsum up to segment
+        pos = cs - torch.repeat_interleave(before, m) + torch.repeat_interleave(last[idx], m)
+        ok = pos < n
+        locs.append(loc[ok])
+        poss.append(pos[ok])
+        tail = pos[seg_end - 1]  # last drawn position of every location
+        more = tail < n
+        last[idx[more]] = tail[more]
+        idx = idx[more]
+    return torch.cat(locs), torch.cat(poss)
+
+
+def sample_sites(
+    rates: torch.Tensor, n_samples: int, n_cols: int, generator: torch.Generator | None
+) -> ErrorSites:
+    """Draws which partial products are hit, exactly as independent Bernoulli trials.
+
+    Every (member, row, K-block) location has ``n = n_samples * n_cols`` partial products,
+    each hit with the location's rate. Locations expecting many hits get their positions
+    from geometric gaps (:func:`_geometric_positions`); the others get a Binomial(n, rate)
+    count and a uniform subset (:func:`_uniform_subsets`). Both are exact.
+
+    Args:
+        rates: ``(P, R, n_k)`` per-row rates.
+        n_samples: Samples ``B``; ``n_cols``: output columns per sample ``C``.
+    """
+    P, R, n_k = rates.shape
+    n = n_samples * n_cols
+    flat = rates.reshape(-1)
+    many = flat * n >= 8.0
+    parts = []
+    if bool(many.any()):
+        sel = many.nonzero().squeeze(1)
+        loc, pos = _geometric_positions(flat[sel], n, generator)
+        parts.append((sel[loc], pos))
+    if not bool(many.all()):
+        sel = (~many).nonzero().squeeze(1)
+        p = flat[sel]
+        counts = torch.binomial(torch.full_like(p, float(n)), p, generator=generator).long()
+        loc, pos = _uniform_subsets(counts, n, generator)
+        parts.append((sel[loc], pos))
+    loc = torch.cat([x[0] for x in parts])
+    pos = torch.cat([x[1] for x in parts])
     p, rest = loc // (R * n_k), loc % (R * n_k)
     return ErrorSites(p=p, b=pos // n_cols, r=rest // n_k, k=rest % n_k, c=pos % n_cols)
 
