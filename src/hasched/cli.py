@@ -352,27 +352,19 @@ def demo(
 
 
 def main() -> None:
-    """Console entry point: one-line errors, exit status 2, never a traceback."""
+    """Console entry point: one-line errors, exit status 2, never a traceback.
+
+    Typer's standalone mode handles ``--help``, usage errors (exit 2) and Ctrl-C (exit 1);
+    what a command raises as :class:`HaschedError` is printed here as one line.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except HaschedError as err:
         typer.echo(f"hasched: error: {err}", err=True)
         sys.exit(err.exit_code)
-    except typer.Abort:
-        typer.echo("hasched: aborted", err=True)
-        sys.exit(130)
     except KeyboardInterrupt:
         typer.echo("hasched: interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
-        raise
 
 
 if __name__ == "__main__":
