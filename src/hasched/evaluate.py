@@ -199,7 +199,11 @@ class FaultyEvaluator:
             first = engine.first
             cols = engine.acts[1][0].numel() // first.tiling.rows
             hits_per_image = float(first.rates.sum()) * cols
-            step = max(1, min(step, int(self.config.max_hits / max(hits_per_image, 1.0))))
+            # Only the hits and the affected rows are materialised here, so the chunk is
+            # bounded by the hit budget, not by the dense path's activation estimate.
+            step = max(1, int(self.config.max_hits / max(hits_per_image, 1.0)))
+            if engine.later_faulty:
+                step = min(step, self._chunk(pop))
             for i in range(0, self.n_images, step):
                 nb = min(step, self.n_images - i)
                 st.expanded = False

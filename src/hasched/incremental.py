@@ -251,12 +251,17 @@ class IncrementalEngine:
         if isinstance(mod, nn.Linear) and not isinstance(mod, _FaultyBase):
             # clean_out + W[:, changed] @ delta, as one sparse x dense product.
             delta = s.val - self.clean_at(level, s.b + b0, s.pos)  # (E,)
-            wt = mod.weight.t()  # (in, out)
-            y = torch.zeros(rows.numel(), mod.out_features, dtype=wt.dtype, device=wt.device)
-            step = max(1, (32 * 2**20) // mod.out_features)  # bounds the (E, out) temporary
-            for i in range(0, delta.numel(), step):
-                sl = slice(i, i + step)
-                y.index_add_(0, row_of[sl], wt[s.pos[sl]] * delta[sl, None])
+            order = None
+            if row_of.numel() > 1 and not bool((row_of[1:] >= row_of[:-1]).all()):
+                order = torch.argsort(row_of, stable=True)
+                row_of, delta, pos = row_of[order], delta[order], s.pos[order]
+            else:
+                pos = s.pos
+            counts = torch.bincount(row_of, minlength=rows.numel())
+            offsets = torch.cumsum(counts, 0) - counts
+            # sum_j W[:, pos_j] * delta_j per row, without an (E, out) temporary.
+            y = F.embedding_bag(pos, self._wt(mod), offsets, mode="sum",
+                                per_sample_weights=delta)  # (rows, out)
             return self.acts[level + 1][rb] + y, level + 1
         x = self._full_act(level, rb).clone()
         x.reshape(x.shape[0], -1)[row_of, s.pos] = s.val
@@ -268,6 +273,13 @@ class IncrementalEngine:
         x = base.repeat(P, *([1] * (base.dim() - 1)))
         x.reshape(x.shape[0], -1)[s.m * nb + s.b, s.pos] = s.val
         return x
+
+    def _wt(self, mod: nn.Linear) -> torch.Tensor:
+        """``W.T`` as a contiguous ``(in, out)`` table, cached per layer."""
+        cache = self.__dict__.setdefault("_wt_cache", {})
+        if id(mod) not in cache:
+            cache[id(mod)] = mod.weight.detach().t().contiguous()
+        return cache[id(mod)]
 
     def _full_act(self, level: int, b: torch.Tensor) -> torch.Tensor:
         act = self.acts[level]
