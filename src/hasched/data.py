@@ -193,7 +193,8 @@ def find_dataset_dir(
 
     Lookup order: ``data_dir`` (the folder itself or its parent), ``$HASCHED_DATA_DIR`` (same
     two forms), ``~/.cache/hasched/datasets/<folder>``, ``/usr/share/datasets/<folder>``, then
-    a checksummed download into the cache when ``download`` is true.
+    a checksummed download into the cache when ``download`` is true and
+    ``$HASCHED_OFFLINE`` is unset (the test suite sets it: tests never download).
 
     Raises:
         HaschedError: If ``name`` is unknown or no location has the four files.
@@ -204,7 +205,7 @@ def find_dataset_dir(
         if _has_files(place):
             return place.resolve()
     tried = [str(p) for _, p in places]
-    if download:
+    if download and not os.environ.get("HASCHED_OFFLINE"):
         target = _cache_root() / folder_name
         try:
             _download(folder_name, target)
@@ -212,7 +213,8 @@ def find_dataset_dir(
         except HaschedError as exc:
             tried.append(f"download ({exc})")
     else:
-        tried.append("download (disabled)")
+        tried.append("download (disabled: HASCHED_OFFLINE is set)" if download
+                     else "download (disabled)")
     raise HaschedError(
         f"dataset {name!r} not found; tried: {'; '.join(tried)}. Put the four IDX .gz files"
         f" in a folder named {folder_name!r} and set HASCHED_DATA_DIR or pass --data-dir"
