@@ -48,6 +48,9 @@ def make_folder(folder: Path, n_train: int = 6, n_test: int = 4, seed: int = 0) 
 def isolated(tmp_path, monkeypatch):
     """No env var, an empty cache and system dir, and downloads that fail the test."""
     monkeypatch.delenv("HASCHED_DATA_DIR", raising=False)
+    # The suite runs with HASCHED_OFFLINE=1; these tests reach the download step on purpose
+    # (with _download replaced, or a file:// mirror), so they lift it here.
+    monkeypatch.delenv("HASCHED_OFFLINE", raising=False)
     monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
     monkeypatch.setattr(data, "_SYSTEM_DIR", tmp_path / "system")
 
@@ -248,3 +251,9 @@ def test_download_verifies_checksums_with_local_mirror(isolated, monkeypatch):
     monkeypatch.setattr(data, "_MD5", {"mnist": md5s})
     assert find_dataset_dir("mnist32") == cache.resolve()
     assert len(load_dataset("mnist", "test", download=False)) == 4
+
+
+def test_offline_env_disables_download(isolated, monkeypatch):
+    monkeypatch.setenv("HASCHED_OFFLINE", "1")
+    with pytest.raises(HaschedError, match="HASCHED_OFFLINE"):
+        data.find_dataset_dir("mnist")
