@@ -99,3 +99,13 @@ def test_registry_and_bad_input():
         create_error_model("tf32", nonsense=1)
     with pytest.raises(HaschedError):
         create_error_model("bitflip").corrupt(torch.ones(2, dtype=torch.float64), None)
+
+
+def test_corrupt_u_maps_uniforms_onto_bits_evenly():
+    em = create_error_model("flip-to-1")
+    u = (torch.arange(7000, dtype=torch.float32) + 0.5) / 7000  # evenly spaced in (0, 1)
+    out = em.corrupt_u(torch.zeros(7000), u)
+    b = torch.log2(out.view(torch.int32).double()).round().long()
+    assert torch.equal(torch.bincount(b, minlength=30)[23:30], torch.full((7,), 1000))
+    assert torch.equal(em.corrupt_u(torch.zeros(1), torch.ones(1)).view(torch.int32),
+                       torch.tensor([1 << 29], dtype=torch.int32))  # u=1 stays in range

@@ -53,6 +53,15 @@ class ErrorModel(ABC):
     def corrupt(self, values: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Returns the corrupted version of every element of ``values`` (float32)."""
 
+    def corrupt_u(self, values: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`corrupt`, taking its randomness from uniforms ``u`` in [0, 1).
+
+        The dense GEMM path draws one uniform per partial product: it decides the hit
+        (``u < rate``) and, rescaled (``u / rate``, uniform again given a hit), which bit the
+        hit flips. Models that need no randomness ignore ``u``.
+        """
+        return self.corrupt(values, None)
+
     def describe(self) -> dict:
         return {"name": self.name}
 
@@ -94,6 +103,14 @@ class ExponentBitError(ErrorModel):
         bits = _bits(values)
         pos = torch.randint(self.low_bit, self.high_bit + 1, bits.shape,
                             generator=generator, device=bits.device, dtype=torch.int32)
+        return self._apply(bits, pos)
+
+    def corrupt_u(self, values: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        n = self.high_bit - self.low_bit + 1
+        pos = (u * n).to(torch.int32).clamp_(max=n - 1) + self.low_bit
+        return self._apply(_bits(values), pos)
+
+    def _apply(self, bits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         mask = torch.bitwise_left_shift(torch.ones_like(pos), pos)
         if self.mode == "flip-to-1":
             out = bits | mask

@@ -287,6 +287,12 @@ def faulty_gemm(
         clean = (clean[None] if x.dim() == 3 else clean).expand(P, B, R, C)
         sites = sample_sites(rates, B, C, generator)
         return apply_sites(w, x, tiling, sites, error_model, generator, clean)
+    r = rates.transpose(1, 2)[:, None, :, :, None]  # (P, 1, n_k, R, 1)
     u = torch.rand((P, B, n_k, R, C), generator=generator, device=x.device)
-    mask = u < rates.transpose(1, 2)[:, None, :, :, None]  # (P, B, n_k, R, C)
-    return dense_faulty_gemm(w, x, tiling, mask, error_model, generator)
+    hit = u < r
+    pp = partial_products(w, x, tiling)  # (1 or P, B, n_k, R, C)
+    if x.dim() == 3:
+        pp = pp[None]
+    # Given a hit, u / rate is uniform on [0, 1): it also picks the corrupted bit.
+    bad = error_model.corrupt_u(pp.expand(hit.shape), (u / r.clamp(min=1e-30)).clamp_(max=1.0))
+    return torch.where(hit, bad, pp).sum(2)
