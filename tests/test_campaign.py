@@ -174,3 +174,19 @@ def test_real_engine_tiny_checkpoint(tmp_path):
     df = load_results(tmp_path / "c")
     assert r["complete"] and len(df) == 4 and (df["images"] == 64).all()
     assert df["accuracy"].between(0, 1).all()
+
+
+def test_store_from_another_sampler_version_is_refused(tmp_path):
+    import json
+
+    from hasched.campaign import open_store
+
+    cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="op", errors="bitflip")
+    open_store(tmp_path / "c", cfg)
+    path = tmp_path / "c" / "config.json"
+    obj = json.loads(path.read_text())
+    obj["sampler"] -= 1
+    path.write_text(json.dumps(obj))
+    with pytest.raises(HaschedError, match="sampler version"):
+        open_store(tmp_path / "c", cfg)
+    assert json.loads(path.read_text()) == obj  # left as it was

@@ -38,6 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from hasched.errors import HaschedError
+from hasched.gemm import SAMPLER_VERSION
 
 __all__ = [
     "SWEEP_FR_MAX",
@@ -257,7 +258,7 @@ def open_store(out: str | Path, cfg: CampaignConfig) -> Path:
     """Creates ``out`` with its config, or checks an existing one matches ``cfg``."""
     out = Path(out)
     cfg_path = out / "config.json"
-    want = {"format": FORMAT_VERSION, "config": cfg.to_dict()}
+    want = {"format": FORMAT_VERSION, "sampler": SAMPLER_VERSION, "config": cfg.to_dict()}
     if cfg_path.is_file():
         try:
             have = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -266,7 +267,9 @@ def open_store(out: str | Path, cfg: CampaignConfig) -> Path:
         if have != want:
             old = have.get("config", {}) if isinstance(have, dict) else {}
             diff = sorted(k for k in set(old) | set(want["config"])
-                          if old.get(k) != want["config"].get(k)) or ["format"]
+                          if old.get(k) != want["config"].get(k))
+            if not diff:  # same grid, other engine: resuming would mix error draws
+                diff = ["format/sampler version of an older hasched"]
             raise HaschedError(f"{out} holds a different campaign (differs in: "
                                f"{', '.join(diff)}); rerun with its arguments or use "
                                "another --out")

@@ -32,6 +32,7 @@ from hasched.faults import ErrorModel
 from hasched.hardware import Tiling
 
 __all__ = [
+    "SAMPLER_VERSION",
     "ErrorSites",
     "SPARSE_MEAN_RATE",
     "choose_mode",
@@ -42,6 +43,10 @@ __all__ = [
     "dense_faulty_gemm",
     "faulty_gemm",
 ]
+
+# Bumped whenever the same seed would draw different error instances; stores that resume
+# runs (sensitivity campaigns) record it so that they never mix draws of two versions.
+SAMPLER_VERSION = 2
 
 # Below this mean rate the sparse path is faster: it spends ~block_width MACs plus some
 # indexing per hit, the dense path one random number and one select per partial product.
