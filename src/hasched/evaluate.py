@@ -202,6 +202,8 @@ class FaultyEvaluator:
             # Only the hits and the affected rows are materialised here, so the chunk is
             # bounded by the hit budget, not by the dense path's activation estimate.
             step = max(1, int(self.config.max_hits / max(hits_per_image, 1.0)))
+            budget = self.config.memory_mb * 2**20
+            step = min(step, max(1, budget // (pop * 12 * engine.dense_width)))
             if engine.later_faulty:
                 step = min(step, self._chunk(pop))
             for i in range(0, self.n_images, step):

@@ -22,6 +22,7 @@ back to the plain path otherwise.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,14 @@ class IncrementalEngine:
                                        for i in range(0, src.shape[0], batch)]))
         st.enabled = True
         self.later_faulty = any(isinstance(m, _FaultyBase) for m in self.mods[1:])
+        # Floats per affected row once the change turns dense (bounds a chunk's memory).
+        end = 1
+        while end < len(self.mods) and self._sparse_supported(self.mods[end], end):
+            end += 1
+        if end < len(self.mods) and isinstance(self.mods[end], nn.Linear):
+            end += 1
+        self.dense_width = max([math.prod(self._shape(j)) for j in range(end, len(acts))]
+                               + [1])
 
     def _materialize(self, level: int) -> torch.Tensor:
         return self.mods[level - 1](self.acts[level - 1]
