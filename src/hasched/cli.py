@@ -277,7 +277,7 @@ def search(
 def reproduce(
     out: Annotated[Path, typer.Option(help="Output folder (finished cases are skipped).")],
     quick: Annotated[bool, typer.Option(
-        help="Reduced plan: the 12 mnist32-cnn cases, small GA (~10 min on 2 cores).")] = False,
+        help="Reduced plan: the 12 mnist32-cnn cases, small GA (~15 min on 2 cores).")] = False,
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,

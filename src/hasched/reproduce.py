@@ -76,11 +76,11 @@ _QUICK_CASES = [c for c in paper_cases() if c.model == "mnist32-cnn" and (
     c.layers == "c0" or c.fr_max == 0.5)]
 QUICK = Plan(
     _QUICK_CASES, (1,), (1,),
-    SearchSettings(population=20, generations=10, runs=1, repeats=3, search_images="5120:6120",
+    SearchSettings(population=20, generations=30, runs=1, repeats=3, search_images="5120:6120",
                    holdout_images=":2000", holdout_repeats=10),
     "the 12 mnist32-cnn cases (c0 flip-to-1 and bitflip at 1e-3, 2e-3, 5e-3; h2, op, h2+op "
     "with tf32 and bf16 at 0.5), model seed 1, profile seed 1; GA population 20, "
-    "10 generations, 1 run, 3 repeats on search images 5120:6120 (1,000); held-out :2000 "
+    "30 generations, 1 run, 3 repeats on search images 5120:6120 (1,000); held-out :2000 "
     "with 10 repeats; random search at the GA's budget",
 )
 
