@@ -51,10 +51,12 @@ def test_dense_and_sparse_match_the_loop_oracle(R, K, C):
     em = ExponentBitError("flip-to-1", low_bit=26, high_bit=26)  # deterministic
     ref = oracle(w, x, t, mask, lambda v: em.corrupt(v, None))
     dense = dense_faulty_gemm(w, x, t, mask, em, None)
+    fused = dense_faulty_gemm(w, x, t, mask, em, None, torch.rand(mask.shape, generator=g))
     clean = torch.matmul(w, x)[None].expand(3, -1, -1, -1)
     sparse = apply_sites(w, x, t, sites_from_mask(mask), em, None, clean)
     scale = ref.abs().max()
     assert torch.allclose(dense.double(), ref, atol=1e-5 * scale, rtol=1e-5)
+    assert torch.allclose(fused.double(), ref, atol=1e-5 * scale, rtol=1e-5)
     assert torch.allclose(sparse.double(), ref, atol=1e-5 * scale, rtol=1e-5)
     assert mask.any()  # the comparison exercised corrupted partial products
 

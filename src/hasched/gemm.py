@@ -239,11 +239,14 @@ def dense_faulty_gemm(
     mask: torch.Tensor,
     error_model: ErrorModel,
     generator: torch.Generator | None,
+    u01: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sums all partial products after corrupting those selected by ``mask``.
 
     Args:
         mask: ``(P, B, n_k, R, C)`` bool.
+        u01: Optional uniforms of ``mask``'s shape that supply the error model's randomness
+            (:meth:`ErrorModel.corrupt_u`); otherwise it draws from ``generator``.
 
     Returns:
         ``(P, B, R, C)``.
@@ -251,9 +254,12 @@ def dense_faulty_gemm(
     pp = partial_products(w, x, tiling)  # (1 or P, B, n_k, R, C)
     if x.dim() == 3:
         pp = pp[None]
-    pp = pp.expand(mask.shape).clone()
-    pp[mask] = error_model.corrupt(pp[mask], generator)
-    return pp.sum(2)
+    pp = pp.expand(mask.shape)
+    if u01 is not None:
+        bad = error_model.corrupt_u(pp, u01)
+    else:
+        bad = error_model.corrupt(pp, generator)
+    return torch.where(mask, bad, pp).sum(2)
 
 
 def faulty_gemm(
@@ -294,10 +300,6 @@ def faulty_gemm(
         return apply_sites(w, x, tiling, sites, error_model, generator, clean)
     r = rates.transpose(1, 2)[:, None, :, :, None]  # (P, 1, n_k, R, 1)
     u = torch.rand((P, B, n_k, R, C), generator=generator, device=x.device)
-    hit = u < r
-    pp = partial_products(w, x, tiling)  # (1 or P, B, n_k, R, C)
-    if x.dim() == 3:
-        pp = pp[None]
-    # Given a hit, u / rate is uniform on [0, 1): it also picks the corrupted bit.
-    bad = error_model.corrupt_u(pp.expand(hit.shape), (u / r.clamp(min=1e-30)).clamp_(max=1.0))
-    return torch.where(hit, bad, pp).sum(2)
+    # Given a hit (u < rate), u / rate is uniform on [0, 1): it also picks the bit.
+    u01 = (u / r.clamp(min=1e-30)).clamp_(max=1.0)
+    return dense_faulty_gemm(w, x, tiling, u < r, error_model, generator, u01)
