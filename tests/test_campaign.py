@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -158,15 +160,14 @@ def test_report_from_saved_results(tmp_path):
     assert len(part["rows"]) == cfg.repeats
 
 
+@pytest.mark.skipif(
+    not (Path(os.environ.get("HASCHED_DATA_DIR", "/nonexistent")) / "mnist").is_dir(),
+    reason="needs the offline MNIST files (HASCHED_DATA_DIR)")
 def test_real_engine_tiny_checkpoint(tmp_path):
     """Two cells through hasched.api with a 2-step checkpoint and 64 images."""
     from hasched.train import save_checkpoint, train_model
 
-    try:
-        model, meta = train_model("mnist32-cnn", 1, train_subset=256, max_steps=2,
-                                  progress=False)
-    except HaschedError as err:  # no dataset available here
-        pytest.skip(str(err))
+    model, meta = train_model("mnist32-cnn", 1, train_subset=256, max_steps=2, progress=False)
     save_checkpoint(model, meta, tmp_path / "models")
     cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="op", errors="bitflip",
                                    fr_max="5e-3", profile_seeds="1,2", repeats=2, images=64)

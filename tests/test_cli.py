@@ -35,8 +35,7 @@ def assert_clean_error(res, *needles: str) -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    if not (Path(DATA) / "mnist").is_dir():
-        pytest.skip("needs the offline MNIST files")  # only reached without the data
+    """A 2-step checkpoint (only tests marked ``needs_data`` use it)."""
     d = tmp_path_factory.mktemp("models")
     model, meta = train_model("mnist32-cnn", 1, train_subset=256, max_steps=2, progress=False)
     save_checkpoint(model, meta, d)
