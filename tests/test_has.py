@@ -6,10 +6,7 @@ Tiny synthetic MNIST-like data (128 test images) and a 2-step model; no download
 from __future__ import annotations
 
 import csv
-import gzip
 import json
-import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,16 +18,7 @@ from hasched.errors import HaschedError
 from hasched.has import ScheduleProblem, SearchSettings, check_disjoint, run_has_search
 from hasched.search import create_searcher
 from hasched.train import save_checkpoint, train_model
-
-FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    path.write_bytes(gzip.compress(header + arr.tobytes()))
+from idx_files import FILES, write_idx
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +32,8 @@ def store(tmp_path_factory):
         for i, lab in enumerate(labels):
             images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
         (root / "data" / "mnist").mkdir(parents=True, exist_ok=True)
-        _write_idx(root / "data" / "mnist" / FILES[split][0], images)
-        _write_idx(root / "data" / "mnist" / FILES[split][1], labels)
+        write_idx(root / "data" / "mnist" / FILES[split][0], images)
+        write_idx(root / "data" / "mnist" / FILES[split][1], labels)
     mp = pytest.MonkeyPatch()
     mp.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no dl")))
     model, meta = train_model("mnist32-cnn", 1, data_dir=root / "data", train_subset=256,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 import warnings
 from pathlib import Path
 
@@ -24,16 +22,7 @@ from hasched.train import (
     save_checkpoint,
     train_model,
 )
-
-FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    path.write_bytes(gzip.compress(header + arr.tobytes()))
+from idx_files import FILES, write_idx
 
 
 @pytest.fixture
@@ -56,8 +45,8 @@ def data_dir(tmp_path, monkeypatch):
             for i, lab in enumerate(labels):
                 images[i, 2 * lab + 4 : 2 * lab + 6, :] = 255
             img_file, lab_file = FILES[split]
-            _write_idx(root / folder / img_file, images)
-            _write_idx(root / folder / lab_file, labels)
+            write_idx(root / folder / img_file, images)
+            write_idx(root / folder / lab_file, labels)
     return root
 
 
