@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hasched.campaign import (
+from hasched.errors import HaschedError
+from hasched.study.campaign import (
     CampaignConfig,
     Cell,
     expand_grid,
@@ -18,7 +19,6 @@ from hasched.campaign import (
     run_campaign,
     summarize_results,
 )
-from hasched.errors import HaschedError
 
 
 def fake_eval(cfg: CampaignConfig, cell: Cell) -> dict:
@@ -164,8 +164,8 @@ def test_report_from_saved_results(tmp_path):
     not (Path(os.environ.get("HASCHED_DATA_DIR", "/nonexistent")) / "mnist").is_dir(),
     reason="needs the offline MNIST files (HASCHED_DATA_DIR)")
 def test_real_engine_tiny_checkpoint(tmp_path):
-    """Two cells through hasched.api with a 2-step checkpoint and 64 images."""
-    from hasched.train import save_checkpoint, train_model
+    """Two cells through hasched.study.build with a 2-step checkpoint and 64 images."""
+    from hasched.zoo.train import save_checkpoint, train_model
 
     model, meta = train_model("mnist32-cnn", 1, train_subset=256, max_steps=2, progress=False)
     save_checkpoint(model, meta, tmp_path / "models")
@@ -180,7 +180,7 @@ def test_real_engine_tiny_checkpoint(tmp_path):
 def test_store_from_another_sampler_version_is_refused(tmp_path):
     import json
 
-    from hasched.campaign import open_store
+    from hasched.study.campaign import open_store
 
     cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="op", errors="bitflip")
     open_store(tmp_path / "c", cfg)

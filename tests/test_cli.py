@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hasched.train import save_checkpoint, train_model
+from hasched.zoo.train import save_checkpoint, train_model
 
 DATA = os.environ.get("HASCHED_DATA_DIR", "")
 needs_data = pytest.mark.skipif(not (Path(DATA) / "mnist").is_dir(),

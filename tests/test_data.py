@@ -1,4 +1,4 @@
-"""Tests for hasched.data: IDX parsing, lookup order, resizing. Never downloads."""
+"""Tests for hasched.zoo.data: IDX parsing, lookup order, resizing. Never downloads."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from hasched import data
-from hasched.data import find_dataset_dir, load_dataset, read_idx, resize_bilinear
 from hasched.errors import HaschedError
+from hasched.zoo import data
+from hasched.zoo.data import find_dataset_dir, load_dataset, read_idx, resize_bilinear
 
 # Captured at import: the isolation fixture below removes it from the environment.
 REAL_DATA_DIR = os.environ.get("HASCHED_DATA_DIR")

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-import hasched.gemm as gemm_mod
-import hasched.incremental as inc_mod
+import hasched.sim.gemm as gemm_mod
+import hasched.sim.incremental as inc_mod
 from hasched.errors import HaschedError
-from hasched.evaluate import EvalConfig, FaultyEvaluator, summarize
-from hasched.faults import ExponentBitError, create_error_model
-from hasched.gemm import ErrorSites
-from hasched.hardware import AcceleratorConfig, FaultProfile
-from hasched.nn import inject_faults, weight_layer_names
+from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
+from hasched.sim.faults import ExponentBitError, create_error_model
+from hasched.sim.gemm import ErrorSites
+from hasched.sim.hardware import AcceleratorConfig, FaultProfile
+from hasched.sim.layers import inject_faults, weight_layer_names
 
 ACC = AcceleratorConfig(n_sms=4, pes_per_sm=8, block_height=8, dense_block_width=8)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hasched.errors import HaschedError
-from hasched.faults import (
+from hasched.sim.faults import (
     PAPER_FR_MAX,
     ExponentBitError,
     create_error_model,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hasched.errors import HaschedError
-from hasched.faults import ExponentBitError, create_error_model
-from hasched.gemm import (
+from hasched.sim.faults import ExponentBitError, create_error_model
+from hasched.sim.gemm import (
     _geometric_positions,
     _uniform_subsets,
     apply_sites,
@@ -16,7 +16,13 @@ from hasched.gemm import (
     sample_sites,
     sites_from_mask,
 )
-from hasched.hardware import AcceleratorConfig, FaultProfile, layer_tiling, row_rates, slot_rates
+from hasched.sim.hardware import (
+    AcceleratorConfig,
+    FaultProfile,
+    layer_tiling,
+    row_rates,
+    slot_rates,
+)
 
 ACC = AcceleratorConfig(n_sms=3, pes_per_sm=8, block_height=8, dense_block_width=4)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hasched.errors import HaschedError
-from hasched.hardware import (
+from hasched.sim.hardware import (
     AcceleratorConfig,
     FaultProfile,
     layer_tiling,

@@ -1,4 +1,5 @@
-"""Tests for hasched.has: schedule files, disjoint image sets, determinism, outputs, resume.
+"""Tests for hasched.study.schedule_search: schedule files, disjoint image sets, determinism,
+outputs, resume.
 
 Tiny synthetic MNIST-like data (128 test images) and a 2-step model; no downloads.
 """
@@ -12,12 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from hasched import data
-from hasched.api import FaultScenario, build_evaluator, load_schedule, save_schedule
 from hasched.errors import HaschedError
-from hasched.has import ScheduleProblem, SearchSettings, check_disjoint, run_has_search
 from hasched.search import create_searcher
-from hasched.train import save_checkpoint, train_model
+from hasched.study.build import FaultScenario, build_evaluator, load_schedule, save_schedule
+from hasched.study.schedule_search import (
+    ScheduleProblem,
+    SearchSettings,
+    check_disjoint,
+    run_has_search,
+)
+from hasched.zoo import data
+from hasched.zoo.train import save_checkpoint, train_model
 from idx_files import FILES, write_idx
 
 
@@ -136,7 +142,7 @@ def test_end_to_end_outputs_and_config_mismatch(store, ref_run):
 
 def test_resume_after_kill_is_identical(store, ref_run, tmp_path, monkeypatch):
     ref_dir, ref = ref_run
-    import hasched.has as has
+    import hasched.study.schedule_search as has
 
     calls = {"n": 0}
     orig = ScheduleProblem.evaluate
@@ -164,7 +170,7 @@ def test_resume_after_kill_is_identical(store, ref_run, tmp_path, monkeypatch):
 
 
 def test_reproduce_plan_covers_the_papers_cases():
-    from hasched.reproduce import FULL, QUICK, paper_cases
+    from hasched.study.reproduce import FULL, QUICK, paper_cases
 
     cases = paper_cases()
     assert len(cases) == 6 + 18 + 6 == len({c.slug for c in cases})

@@ -1,4 +1,5 @@
-"""Tests for hasched.train: determinism, epoch scaling, checkpoint store. Tiny synthetic data."""
+"""Tests for hasched.zoo.train: determinism, epoch scaling, checkpoint store (tiny synthetic
+data)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hasched import data, train
 from hasched.errors import HaschedError
-from hasched.train import (
+from hasched.zoo import data, train
+from hasched.zoo.train import (
     CheckpointNotFoundError,
     checkpoint_dir,
     load_checkpoint,

@@ -42,7 +42,7 @@ def _log(msg: str) -> None:
 
 
 def _accel(n_sms: int):
-    from hasched.hardware import AcceleratorConfig
+    from hasched.sim.hardware import AcceleratorConfig
 
     return AcceleratorConfig(n_sms=n_sms)
 
@@ -50,10 +50,10 @@ def _accel(n_sms: int):
 @app.command("list")
 def list_cmd() -> None:
     """List registered models (with their layers), error models and searchers."""
-    from hasched.faults import PAPER_FR_MAX, list_error_models
-    from hasched.models import create_model, list_models
-    from hasched.nn import weight_layer_names
     from hasched.search import list_searchers
+    from hasched.sim.faults import PAPER_FR_MAX, list_error_models
+    from hasched.sim.layers import weight_layer_names
+    from hasched.zoo.models import create_model, list_models
 
     typer.echo("models:")
     for name in list_models():
@@ -77,7 +77,7 @@ def train(
     force: Annotated[bool, typer.Option(help="Retrain even if a checkpoint exists.")] = False,
 ) -> None:
     """Train a model with its recipe and store the checkpoint."""
-    from hasched.train import (
+    from hasched.zoo.train import (
         CheckpointNotFoundError,
         checkpoint_dir,
         load_checkpoint,
@@ -109,7 +109,7 @@ def profile(
     n_sms: NSmsOpt = 20,
 ) -> None:
     """Generate (or inspect) a fault profile: per-PE rates ~ Uniform(0, FR_max)."""
-    from hasched.hardware import FaultProfile
+    from hasched.sim.hardware import FaultProfile
 
     if show is not None:
         prof = FaultProfile.load(show)
@@ -149,8 +149,8 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Accuracy of a model with some layers on the faulty accelerator."""
-    from hasched.api import FaultScenario, build_evaluator, load_schedule
-    from hasched.api import evaluate as run_eval
+    from hasched.study.build import FaultScenario, build_evaluator, load_schedule
+    from hasched.study.build import evaluate as run_eval
 
     if repeats < 1:
         raise HaschedError("--repeats must be >= 1")
@@ -197,7 +197,7 @@ def sensitivity(
     report: Annotated[bool, typer.Option(help="Write figures and report.md at the end.")] = True,
 ) -> None:
     """Fault-sensitivity campaign (paper 5.1): accuracy over a grid of faulty scenarios."""
-    from hasched.campaign import CampaignConfig, run_campaign
+    from hasched.study.campaign import CampaignConfig, run_campaign
 
     if device == "auto":
         import torch
@@ -256,7 +256,7 @@ def search(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Search a fault-aware schedule (HAS) and evaluate it on held-out images."""
-    from hasched.has import SearchSettings, run_has_search
+    from hasched.study.schedule_search import SearchSettings, run_has_search
 
     s = SearchSettings(model=model, seed=seed, layers=layers, error=error, fr_max=fr_max,
                        profile_seed=profile_seed, algorithm=algorithm, population=population,
@@ -283,7 +283,7 @@ def reproduce(
     data_dir: DataDirOpt = None,
 ) -> None:
     """Run the paper's §5.2 recovery cases and write REPORT.md."""
-    from hasched.reproduce import run_reproduce
+    from hasched.study.reproduce import run_reproduce
 
     run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log)
     typer.echo(f"report: {Path(out) / 'REPORT.md'}")
@@ -300,7 +300,7 @@ def bench(
     markdown: Annotated[Path | None, typer.Option(help="Also write a markdown table.")] = None,
 ) -> None:
     """Time clean vs faulty inference, GA fitness and generations (ratios to clean)."""
-    from hasched.bench import BenchConfig, run_bench, to_markdown
+    from hasched.study.bench import BenchConfig, run_bench, to_markdown
 
     cfg = BenchConfig(model=model, images=images, device=device, filter=filter, trials=trials)
     rows = run_bench(cfg, log=None if as_json else _log)
@@ -326,10 +326,10 @@ def demo(
     data_dir: DataDirOpt = None,
 ) -> None:
     """The main job in minutes: train mnist32-cnn, fault c0, search a HAS schedule."""
-    from hasched.api import FaultScenario, build_evaluator
-    from hasched.api import evaluate as run_eval
-    from hasched.has import SearchSettings, run_has_search
-    from hasched.train import load_or_train
+    from hasched.study.build import FaultScenario, build_evaluator
+    from hasched.study.build import evaluate as run_eval
+    from hasched.study.schedule_search import SearchSettings, run_has_search
+    from hasched.zoo.train import load_or_train
 
     models_dir = models_dir or out / "models"
     typer.echo(f"1/3 model: mnist32-cnn seed 1 (store {models_dir}; trained for "

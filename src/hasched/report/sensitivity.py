@@ -16,8 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from hasched.campaign import read_config, summarize_results, write_tables  # noqa: E402
 from hasched.errors import HaschedError  # noqa: E402
+from hasched.study.campaign import read_config, summarize_results, write_tables  # noqa: E402
 
 __all__ = ["plot_sensitivity", "sensitivity_findings", "write_report"]
 
@@ -27,7 +27,7 @@ THRESHOLD_PTS = 5.0
 def plot_sensitivity(summary: pd.DataFrame, model: str, path: str | Path) -> Path:
     """Accuracy vs FR_max (log x), one panel per error type, one line per layer entry."""
     s = summary[summary["model"] == model]
-    from hasched.faults import PAPER_FR_MAX
+    from hasched.sim.faults import PAPER_FR_MAX
 
     order = list(PAPER_FR_MAX)
     errors = sorted(dict.fromkeys(s["error"]),

@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 
 from hasched.errors import HaschedError
+from hasched.registry import Registry
 from hasched.search.core.problem import PermutationProblem
 from hasched.search.core.result import SearchResult
 
@@ -32,7 +33,7 @@ class Searcher(Protocol):
 
 
 T = TypeVar("T")
-_REGISTRY: dict[str, type] = {}
+SEARCHERS: Registry[type] = Registry("searcher")
 
 
 def register_searcher(name: str) -> Callable[[type[T]], type[T]]:
@@ -42,10 +43,8 @@ def register_searcher(name: str) -> Callable[[type[T]], type[T]]:
     """
 
     def deco(cls: type[T]) -> type[T]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise HaschedError(f"searcher {name!r} is already registered")
+        SEARCHERS.add(name, cls)
         cls.name = name  # type: ignore[attr-defined]
-        _REGISTRY[name] = cls
         return cls
 
     return deco
@@ -53,7 +52,7 @@ def register_searcher(name: str) -> Callable[[type[T]], type[T]]:
 
 def list_searchers() -> list[str]:
     """Registered searcher names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(SEARCHERS.names())
 
 
 def create_searcher(name: str, config: Any = None) -> Searcher:
@@ -68,9 +67,7 @@ def create_searcher(name: str, config: Any = None) -> Searcher:
     Raises:
         HaschedError: unknown name, unknown config field or wrong config type.
     """
-    if name not in _REGISTRY:
-        raise HaschedError(f"unknown searcher {name!r}; choose from {', '.join(list_searchers())}")
-    cls = _REGISTRY[name]
+    cls = SEARCHERS.get(name)
     cfg_cls = cls.config_cls  # type: ignore[attr-defined]
     if config is None:
         config = cfg_cls()

@@ -2,7 +2,7 @@
 
 :func:`inject_faults` copies a model and replaces the named ``nn.Linear`` / ``nn.Conv2d``
 modules by :class:`FaultyLinear` / :class:`FaultyConv2d`, which run their GEMM on the
-simulated accelerator (:mod:`hasched.gemm`). One implementation serves every model and
+simulated accelerator (:mod:`hasched.sim.gemm`). One implementation serves every model and
 every layer; nothing is specific to the paper's two CNNs.
 
 **Population layout.** A population of ``P`` rate maps (schedules x repeats) is folded into
@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hasched.errors import HaschedError
-from hasched.faults import ErrorModel
-from hasched.gemm import faulty_gemm
-from hasched.hardware import (
+from hasched.sim.faults import ErrorModel
+from hasched.sim.gemm import faulty_gemm
+from hasched.sim.hardware import (
     AcceleratorConfig,
     FaultProfile,
     Tiling,
@@ -52,7 +52,7 @@ class FaultState:
     Attributes:
         enabled: ``False`` runs every faulty layer as its clean original.
         generator: Source of all error draws (explicit; never the global RNG).
-        mode: Injection mode for :func:`hasched.gemm.faulty_gemm`.
+        mode: Injection mode for :func:`hasched.sim.gemm.faulty_gemm`.
         expanded: Whether the batch already carries the population dimension.
         population: Members currently configured (``rates.shape[0]`` of every layer).
     """

@@ -4,7 +4,7 @@ At sparse rates a faulty layer's output differs from the clean one in a few doze
 per image. This engine
 
 1. samples the hit partial products of the *first* faulty layer directly
-   (:func:`hasched.gemm.sample_sites`) and recomputes only those, from the cached clean
+   (:func:`hasched.sim.gemm.sample_sites`) and recomputes only those, from the cached clean
    input of that layer;
 2. carries the faulty activation as *clean + a sparse set of changed values* through
    elementwise activations, dropout/identity, flatten and non-overlapping max-pooling,
@@ -16,7 +16,7 @@ per image. This engine
 
 It is exact up to float rounding: the same partial products are corrupted the same way as
 on the dense path, only the arithmetic on unchanged values is skipped. Models must be
-``nn.Sequential`` (as the registry's are); :class:`hasched.evaluate.FaultyEvaluator` falls
+``nn.Sequential`` (as the registry's are); :class:`hasched.sim.evaluator.FaultyEvaluator` falls
 back to the plain path otherwise.
 """
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hasched.gemm import ErrorSites, sample_sites
-from hasched.nn import FaultState, FaultyLinear, _FaultyBase
+from hasched.sim.gemm import ErrorSites, sample_sites
+from hasched.sim.layers import FaultState, FaultyLinear, _FaultyBase
 
 __all__ = ["IncrementalEngine", "Sparse"]
 

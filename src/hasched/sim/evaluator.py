@@ -1,7 +1,7 @@
 """Accuracy of a model on the faulty accelerator: the one evaluation engine.
 
 :class:`FaultyEvaluator` is what ``hasched evaluate``, the sensitivity campaigns and the
-schedule search all call. It loads nothing by itself (see :mod:`hasched.api` for that) and
+schedule search all call. It loads nothing by itself (see :mod:`hasched.study.build` for that) and
 does the expensive parts once:
 
 * the clean *prefix* of an ``nn.Sequential`` model (the modules before the first faulty
@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 
 from hasched.errors import HaschedError
-from hasched.faults import ErrorModel
-from hasched.gemm import choose_mode
-from hasched.hardware import AcceleratorConfig, FaultProfile
-from hasched.incremental import IncrementalEngine
-from hasched.nn import FaultState, inject_faults
+from hasched.sim.faults import ErrorModel
+from hasched.sim.gemm import choose_mode
+from hasched.sim.hardware import AcceleratorConfig, FaultProfile
+from hasched.sim.incremental import IncrementalEngine
+from hasched.sim.layers import FaultState, inject_faults
 
 __all__ = ["EvalConfig", "FaultyEvaluator", "summarize"]
 
@@ -38,7 +38,7 @@ class EvalConfig:
         mode: Injection mode, ``"auto"``, ``"dense"`` or ``"sparse"``.
         memory_mb: Working-set budget of one chunk of images.
         prefix_batch: Images per batch when the clean prefix and predictions are computed.
-        incremental: Use delta propagation (:mod:`hasched.incremental`) when the first
+        incremental: Use delta propagation (:mod:`hasched.sim.incremental`) when the first
             faulty layer is on the sparse path and the model is an ``nn.Sequential``.
         max_hits: Cap on sampled hits per chunk on the incremental path (memory).
     """

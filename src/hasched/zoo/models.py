@@ -15,7 +15,7 @@ from typing import Literal
 
 from torch import nn
 
-from hasched.errors import HaschedError
+from hasched.registry import Registry
 
 __all__ = [
     "ModelSpec",
@@ -61,7 +61,7 @@ class ModelSpec:
     Attributes:
         name: Registry name, e.g. ``"mnist32-cnn"``.
         builder: Zero-argument callable returning a freshly built (untrained) module.
-        dataset: Name of the dataset it is trained on (see :mod:`hasched.data`).
+        dataset: Name of the dataset it is trained on (see :mod:`hasched.zoo.data`).
         input_shape: Shape of one input image, ``(C, H, W)``.
         recipe: Training recipe.
     """
@@ -73,7 +73,7 @@ class ModelSpec:
     recipe: TrainRecipe
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(
@@ -92,9 +92,10 @@ def register_model(
     """
 
     def decorator(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
-        if name in _REGISTRY:
+        if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = ModelSpec(name, builder, dataset, tuple(input_shape), recipe)
+        spec = ModelSpec(name, builder, dataset, tuple(input_shape), recipe)
+        MODELS.add(name, spec, (builder.__doc__ or "").strip().split("\n")[0])
         return builder
 
     return decorator
@@ -102,7 +103,7 @@ def register_model(
 
 def list_models() -> list[str]:
     """Names of all registered models, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(MODELS.names())
 
 
 def get_model_spec(name: str) -> ModelSpec:
@@ -111,11 +112,7 @@ def get_model_spec(name: str) -> ModelSpec:
     Raises:
         HaschedError: If ``name`` is not registered.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(list_models())
-        raise HaschedError(f"unknown model {name!r}; known models: {known}") from None
+    return MODELS.get(name)
 
 
 def create_model(name: str) -> nn.Module:

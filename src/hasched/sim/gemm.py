@@ -2,7 +2,7 @@
 
 A *partial product* is one tile's contribution to one output element: for weight row
 ``r``, K-block ``k`` and output column ``c``,
-``pp[r, k, c] = sum_{j in block k} W[r, j] * X[j, c]`` (see :mod:`hasched.hardware` for
+``pp[r, k, c] = sum_{j in block k} W[r, j] * X[j, c]`` (see :mod:`hasched.sim.hardware` for
 which PE computes it). Each partial product is hit independently with the rate of its PE;
 a hit replaces it by ``error_model.corrupt(pp)``. The output is the sum of the (possibly
 corrupted) partial products over ``k``.
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from hasched.errors import HaschedError
-from hasched.faults import ErrorModel
-from hasched.hardware import Tiling
+from hasched.sim.faults import ErrorModel
+from hasched.sim.hardware import Tiling
 
 __all__ = [
     "SAMPLER_VERSION",

@@ -30,9 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from hasched.data import Dataset, load_dataset
 from hasched.errors import HaschedError
-from hasched.models import create_model, get_model_spec, init_weights
+from hasched.zoo.data import Dataset, load_dataset
+from hasched.zoo.models import create_model, get_model_spec, init_weights
 
 __all__ = [
     "CheckpointNotFoundError",
@@ -115,7 +115,7 @@ def train_model(
     Args:
         model_name: Registered model name.
         seed: Seed for init, shuffling and dropout; same seed on CPU gives identical weights.
-        data_dir: Dataset location, see :func:`hasched.data.find_dataset_dir`.
+        data_dir: Dataset location, see :func:`hasched.zoo.data.find_dataset_dir`.
         epochs: Override the epoch count; by default the recipe's epochs scaled so the number
             of optimiser steps matches the recipe's reference training-set size.
         train_subset: Train on the first N training images only.

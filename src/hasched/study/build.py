@@ -4,7 +4,7 @@ The CLI, the sensitivity campaigns and the schedule search all build their evalu
 here, so "evaluate mnist32-cnn seed 1 with c0 faulty" means the same thing everywhere.
 
 Example:
-    >>> from hasched.api import FaultScenario, build_evaluator, evaluate
+    >>> from hasched.study.build import FaultScenario, build_evaluator, evaluate
     >>> ev = build_evaluator("mnist32-cnn", 1, ["c0"], FaultScenario("flip-to-1", 5e-3, 1))
     >>> evaluate(ev, repeats=3, error_seed=0)["accuracy_mean"]  # doctest: +SKIP
 """
@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from hasched.data import load_dataset
 from hasched.errors import HaschedError
-from hasched.evaluate import EvalConfig, FaultyEvaluator, summarize
-from hasched.faults import create_error_model
-from hasched.hardware import AcceleratorConfig, FaultProfile
-from hasched.models import get_model_spec
-from hasched.nn import weight_layer_names
-from hasched.train import load_or_train
+from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
+from hasched.sim.faults import create_error_model
+from hasched.sim.hardware import AcceleratorConfig, FaultProfile
+from hasched.sim.layers import weight_layer_names
+from hasched.zoo.data import load_dataset
+from hasched.zoo.models import get_model_spec
+from hasched.zoo.train import load_or_train
 
 __all__ = [
     "FaultScenario",
@@ -45,7 +45,7 @@ class FaultScenario:
     """What is wrong with the accelerator.
 
     Attributes:
-        error: Error model name (see :func:`hasched.faults.list_error_models`).
+        error: Error model name (see :func:`hasched.sim.faults.list_error_models`).
         fr_max: Maximum per-PE fault rate of the generated profile.
         profile_seed: Seed of the generated profile.
         profile_path: Load this ``.npy``/``.json`` profile instead of generating one.

@@ -1,7 +1,8 @@
 """``hasched reproduce``: the paper's §5.2 recovery cases, side by side with its numbers.
 
-Every (case, model seed, profile seed) is one :func:`hasched.has.run_has_search` folder under
-``out/cases/``; finished folders are read back, unfinished ones resume from their last
+Every (case, model seed, profile seed) is one
+:func:`hasched.study.schedule_search.run_has_search` folder under ``out/cases/``; finished
+folders are read back, unfinished ones resume from their last
 generation, so a killed ``reproduce`` picks up where it stopped. ``REPORT.md`` and
 ``recovery-cases.png`` are rewritten at the end from all finished folders.
 """
@@ -13,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hasched.evaluate import summarize
-from hasched.has import SearchSettings, run_has_search
+from hasched.sim.evaluator import summarize
+from hasched.study.schedule_search import SearchSettings, run_has_search
 
 __all__ = ["Case", "paper_cases", "QUICK", "FULL", "run_reproduce"]
 

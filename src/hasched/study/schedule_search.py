@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from hasched.errors import HaschedError
-from hasched.evaluate import FaultyEvaluator, summarize
 from hasched.search import (
     GAConfig,
     PermutationProblem,
@@ -42,6 +41,7 @@ from hasched.search import (
     best_of,
     create_searcher,
 )
+from hasched.sim.evaluator import FaultyEvaluator, summarize
 
 __all__ = ["SearchSettings", "ScheduleProblem", "check_disjoint", "run_has_search"]
 
@@ -205,14 +205,14 @@ def run_has_search(
     Raises:
         HaschedError: bad settings, overlapping image ranges, or ``out`` holding another run.
     """
-    from hasched.api import (
+    from hasched.sim.hardware import AcceleratorConfig
+    from hasched.study.build import (
         FaultScenario,
         build_evaluator,
         load_images,
         resolve_device,
         save_schedule,
     )
-    from hasched.hardware import AcceleratorConfig
 
     s = dataclasses.replace(settings or SearchSettings(), **overrides)
     log = log or (lambda _m: None)

@@ -1,7 +1,7 @@
 """Fault-sensitivity campaigns (paper section 5.1): a grid of faulty evaluations.
 
 The grid is model seeds x layer entries x error types x FR_max x profile seeds; every
-*cell* is one evaluator (:func:`hasched.api.build_evaluator`, the same engine as
+*cell* is one evaluator (:func:`hasched.study.build.build_evaluator`, the same engine as
 ``hasched evaluate``) evaluated ``repeats`` times with fresh error instances. The error seed
 of a cell is a stable hash of its coordinates, so a resumed campaign gives exactly the rows
 of an uninterrupted one.
@@ -38,7 +38,7 @@ from pathlib import Path
 import pandas as pd
 
 from hasched.errors import HaschedError
-from hasched.gemm import SAMPLER_VERSION
+from hasched.sim.gemm import SAMPLER_VERSION
 
 __all__ = [
     "SWEEP_FR_MAX",
@@ -81,8 +81,8 @@ def _ints(spec: str | int | list[int] | tuple[int, ...], what: str) -> tuple[int
 def _model_layers(model: str) -> list[str]:
     import torch
 
-    from hasched.models import create_model
-    from hasched.nn import weight_layer_names
+    from hasched.sim.layers import weight_layer_names
+    from hasched.zoo.models import create_model
 
     with torch.random.fork_rng():  # creating a model draws from the global RNG
         return weight_layer_names(create_model(model))
@@ -129,7 +129,7 @@ class CampaignConfig:
         device: str = "cpu",
     ) -> CampaignConfig:
         """Parses and validates command-line style arguments (raises HaschedError)."""
-        from hasched.faults import PAPER_FR_MAX, list_error_models
+        from hasched.sim.faults import PAPER_FR_MAX, list_error_models
 
         known = _model_layers(model)
         if isinstance(layers, str):
@@ -191,7 +191,7 @@ class CampaignConfig:
 
     def rates(self, error: str) -> tuple[float, ...]:
         """The FR_max values of one error type."""
-        from hasched.faults import PAPER_FR_MAX
+        from hasched.sim.faults import PAPER_FR_MAX
 
         if self.fr_max == "paper":
             return tuple(PAPER_FR_MAX[error])
@@ -361,7 +361,7 @@ _WORKER: dict = {}
 
 def _default_evaluate(cfg: CampaignConfig, cell: Cell) -> dict:
     """Builds the cell's evaluator (model and data cached per process) and evaluates it."""
-    from hasched.api import FaultScenario, build_evaluator, evaluate, load_images
+    from hasched.study.build import FaultScenario, build_evaluator, evaluate, load_images
 
     device = _WORKER.get("device", cfg.device)
     dkey = ("data", device)
@@ -410,7 +410,7 @@ def run_campaign(
         log: One-line messages (e.g. training a missing checkpoint).
         max_cells: Stop after this many newly finished cells (a controlled interruption).
         evaluate_fn: ``(cfg, cell) -> {"clean_accuracy", "accuracies", "images"}``;
-            defaults to :func:`hasched.api.evaluate` on a fresh evaluator. Must be picklable
+            defaults to :func:`hasched.study.build.evaluate` on a fresh evaluator. Must be picklable
             when ``workers > 1``.
 
     Returns:
@@ -428,7 +428,7 @@ def run_campaign(
         pending = pending[:max_cells]
     devices = ["cpu"] * workers
     if cfg.device == "cuda" and evaluate_fn is None:
-        from hasched.api import resolve_device
+        from hasched.study.build import resolve_device
 
         resolve_device("cuda")
         import torch
@@ -436,7 +436,7 @@ def run_campaign(
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     n_proc = min(len(devices), len(pending))
     if pending and evaluate_fn is None:
-        from hasched.train import load_or_train
+        from hasched.zoo.train import load_or_train
 
         for seed in cfg.seeds:  # train missing checkpoints once, before any worker starts
             load_or_train(cfg.model, seed, models_dir, data_dir, progress=progress, log=log)

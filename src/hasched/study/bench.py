@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hasched.api import load_images, resolve_device
-from hasched.evaluate import FaultyEvaluator
-from hasched.faults import PAPER_FR_MAX, create_error_model
-from hasched.hardware import AcceleratorConfig, FaultProfile
-from hasched.models import create_model
-from hasched.nn import weight_layer_names
-from hasched.train import CheckpointNotFoundError, load_checkpoint
+from hasched.sim.evaluator import FaultyEvaluator
+from hasched.sim.faults import PAPER_FR_MAX, create_error_model
+from hasched.sim.hardware import AcceleratorConfig, FaultProfile
+from hasched.sim.layers import weight_layer_names
+from hasched.study.build import load_images, resolve_device
+from hasched.zoo.models import create_model
+from hasched.zoo.train import CheckpointNotFoundError, load_checkpoint
 
 __all__ = ["BenchConfig", "run_bench", "to_markdown"]
 

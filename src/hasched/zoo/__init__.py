@@ -1,0 +1,1 @@
+"""Models, datasets, training and the checkpoint store."""
