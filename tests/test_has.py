@@ -15,7 +15,8 @@ import torch
 
 from hasched.errors import HaschedError
 from hasched.search import create_searcher
-from hasched.study.build import FaultScenario, build_evaluator, load_schedule, save_schedule
+from hasched.study.build import build_evaluator, load_schedule, save_schedule
+from hasched.study.scenario import Scenario
 from hasched.study.schedule_search import (
     ScheduleProblem,
     SearchSettings,
@@ -51,15 +52,14 @@ def store(tmp_path_factory):
 
 def _ev(store, fr_max=5e-3, images="96:"):
     d, m = store
-    scn = FaultScenario("flip-to-1", fr_max, 1)
-    return build_evaluator("mnist32-cnn", 1, ["c0"], scn, images, data_dir=d, models_dir=m,
-                           progress=False)
+    scn = Scenario(layers=("c0",), fault="flip-to-1", fr_max=fr_max, images=images)
+    return build_evaluator(scn, data_dir=d, models_dir=m, progress=False)
 
 
 def _kw(store, **over):
     d, m = store
-    s = SearchSettings(population=4, generations=2, runs=2, repeats=2, search_images="96:",
-                       holdout_images=":32", holdout_repeats=3)
+    s = SearchSettings(scenario=Scenario(repeats=2), population=4, generations=2, runs=2,
+                       search_images="96:", holdout_images=":32", holdout_repeats=3)
     return dict(settings=s, data_dir=d, models_dir=m, progress=False, **over)
 
 
@@ -174,7 +174,7 @@ def test_reproduce_plan_covers_the_papers_cases():
 
     cases = paper_cases()
     assert len(cases) == 6 + 18 + 6 == len({c.slug for c in cases})
-    assert {c.layers for c in cases if c.model == "fashion-cnn"} == {"c0", "c1", "c0,c1"}
+    assert {c.layers for c in cases if c.model == "fashion-cnn"} == {"c0", "c1", "c0+c1"}
     assert FULL.profile_seeds == (1, 2) and set(QUICK.cases) <= set(cases)
     hs, ho = QUICK.settings.search_images, QUICK.settings.holdout_images
     check_disjoint({"start": int(hs.split(":")[0]), "stop": int(hs.split(":")[1])},

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from hasched.cli_options import scenario_from, scenario_options
 from hasched.errors import HaschedError
 
 app = typer.Typer(
@@ -22,47 +23,58 @@ app = typer.Typer(
     help="Run DNNs on faulty, marginal or inexact accelerators (HAS fault-aware scheduling).",
 )
 
-# Options shared by several commands (defined once so their help stays consistent).
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Model seed (one trained instance).")]
+# Options shared by several commands (defined once so their help stays consistent); the
+# scenario options (model, layers, mapping, arithmetic, faults, ...) live in cli_options.
 ModelsDirOpt = Annotated[Path | None, typer.Option(
     "--models-dir", help="Checkpoint store [default: $HASCHED_MODELS_DIR or "
     "~/.cache/hasched/models].")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Dataset folder [default: $HASCHED_DATA_DIR, then caches].")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")]
-ErrorOpt = Annotated[str, typer.Option("--error", "-e", help="Error model (see `hasched list`).")]
-FrMaxOpt = Annotated[float, typer.Option("--fr-max", help="Maximum per-PE fault rate.")]
-ProfileSeedOpt = Annotated[int, typer.Option("--profile-seed", help="Fault-profile seed.")]
-NSmsOpt = Annotated[int, typer.Option("--n-sms", help="Streaming multiprocessors.")]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model name.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Model seed (one trained instance).")]
+MappingOpt = Annotated[str, typer.Option(
+    "--mapping", help="gpu-tiles | gpu-tiles:sms=10 | systolic:RxC.")]
 
 
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
 
 
-def _accel(n_sms: int):
-    from hasched.sim.hardware import AcceleratorConfig
+def _mapping(spec: str, n_sms: int = 20):
+    from hasched.study.scenario import Scenario
 
-    return AcceleratorConfig(n_sms=n_sms)
+    return Scenario(mapping=spec, n_sms=n_sms).mapping_obj()
 
 
 @app.command("list")
 def list_cmd() -> None:
-    """List registered models (with their layers), error models and searchers."""
+    """List models (with their layers), mappings, arithmetics, multipliers, fault models,
+    metrics and searchers."""
     from hasched.search import list_searchers
-    from hasched.sim.faults import PAPER_FR_MAX, list_error_models
+    from hasched.sim.faults import FAULTS, PAPER_FR_MAX
     from hasched.sim.layers import weight_layer_names
+    from hasched.sim.mapping import MAPPINGS
+    from hasched.sim.metrics import METRICS
+    from hasched.sim.multipliers import MULTIPLIERS, create_multiplier
     from hasched.zoo.models import create_model, list_models
 
     typer.echo("models:")
     for name in list_models():
         typer.echo(f"  {name:14s} layers: {', '.join(weight_layer_names(create_model(name)))}")
-    typer.echo("error models:")
-    for name in list_error_models():
+    typer.echo("mappings: " + ", ".join(f"{n} ({MAPPINGS.doc(n)})" for n in MAPPINGS.names()))
+    typer.echo("arithmetics: fp32, int8 (symmetric PTQ, int32 accumulation)")
+    typer.echo("multipliers (int8; exhaustive error metrics over 8x8 unsigned operands):")
+    for name in MULTIPLIERS.names():
+        m = create_multiplier(name).metrics()
+        typer.echo(f"  {name:9s} MAE {m['mae']:9.2f}  WCE {m['wce']:6d}  MRE {m['mre']:.4f}  "
+                   f"EP {m['error_probability']:.3f}  {MULTIPLIERS.doc(name)}")
+    typer.echo("fault models:")
+    for name in FAULTS.names():
         rates = PAPER_FR_MAX.get(name)
-        typer.echo(f"  {name:10s}" + (f" paper FR_max: {', '.join(map(str, rates))}"
-                                       if rates else ""))
+        typer.echo(f"  {name:10s} {FAULTS.doc(name)}" + (
+            f"; paper FR_max: {', '.join(map(str, rates))}" if rates else ""))
+    typer.echo(f"metrics: {', '.join(METRICS.names())}")
     typer.echo(f"searchers: {', '.join(list_searchers())}")
 
 
@@ -102,109 +114,128 @@ def train(
 
 @app.command()
 def profile(
-    fr_max: FrMaxOpt = 5e-3,
-    seed: Annotated[int, typer.Option("--seed", help="Profile seed.")] = 1,
+    fr_max: Annotated[float, typer.Option("--fr-max", help="Maximum per-PE rate.")] = 5e-3,
+    seed: Annotated[int, typer.Option("--profile-seed", "--seed", help="Profile seed.")] = 1,
     out: Annotated[Path | None, typer.Option(help="Write .npy or .json here.")] = None,
     show: Annotated[Path | None, typer.Option(help="Inspect an existing profile.")] = None,
-    n_sms: NSmsOpt = 20,
+    mapping: MappingOpt = "gpu-tiles",
+    n_sms: Annotated[int, typer.Option("--n-sms", help="SMs of the gpu-tiles mapping.")] = 20,
 ) -> None:
-    """Generate (or inspect) a fault profile: per-PE rates ~ Uniform(0, FR_max)."""
-    from hasched.sim.hardware import FaultProfile
+    """Generate (or inspect) a transient fault profile: per-PE rates ~ Uniform(0, FR_max)."""
+    from hasched.sim.profile import FaultProfile
 
+    if out is not None and out.exists():
+        raise HaschedError(f"{out} exists; not overwriting it")
     if show is not None:
         prof = FaultProfile.load(show)
     else:
-        prof = FaultProfile.generate(fr_max, seed, _accel(n_sms))
+        prof = FaultProfile.generate(fr_max, seed, _mapping(mapping, n_sms).pe_shape)
     r = prof.rates
-    typer.echo(f"profile {r.shape[0]} SMs x {r.shape[1]} PEs: min {r.min():.3g} mean "
-               f"{r.mean():.3g} max {r.max():.3g}; worst PE (sm, thread) = "
+    typer.echo(f"profile {r.shape[0]} x {r.shape[1]} PEs: min {r.min():.3g} mean "
+               f"{r.mean():.3g} max {r.max():.3g}; worst PE (row, col) = "
                f"{tuple(int(i) for i in divmod(int(r.argmax()), r.shape[1]))}")
     if out is not None:
-        if out.exists():
-            raise HaschedError(f"{out} exists; not overwriting it")
         prof.save(out)
         typer.echo(f"wrote {out}")
 
 
 @app.command()
-def evaluate(
-    model: ModelOpt = "mnist32-cnn",
-    seed: SeedOpt = 1,
-    layers: Annotated[str, typer.Option(help="Faulty layers: c0 | c0,h2 | all.")] = "c0",
-    error: ErrorOpt = "flip-to-1",
-    fr_max: FrMaxOpt = 5e-3,
-    profile_seed: ProfileSeedOpt = 1,
-    profile: Annotated[Path | None, typer.Option(
-        "--profile", help="Use this .npy/.json profile instead of generating one.")] = None,
-    repeats: Annotated[int, typer.Option(help="Fresh error instances.")] = 3,
-    images: Annotated[str | None, typer.Option(
-        help="Test images: N (first N), A:B, A: or :B [default: all].")] = None,
-    schedule: Annotated[Path | None, typer.Option(
-        help="schedule.json (or a search output folder) to apply.")] = None,
-    error_seed: Annotated[int, typer.Option(help="Seed of the error instances.")] = 0,
-    device: DeviceOpt = "cpu",
-    n_sms: NSmsOpt = 20,
-    models_dir: ModelsDirOpt = None,
-    data_dir: DataDirOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+def chips(
+    out: Annotated[Path, typer.Option(help="New folder for the chip maps (JSON).")],
+    mapping: MappingOpt = "systolic:16x16",
+    n_sms: Annotated[int, typer.Option("--n-sms", help="SMs of the gpu-tiles mapping.")] = 20,
+    faulty_pes: Annotated[str, typer.Option(
+        "--faulty-pes", help="Shares of faulty PEs, e.g. 0.02,0.05,0.1.")] = "0.05",
+    count: Annotated[int, typer.Option(help="Chips per share.")] = 10,
+    seed: Annotated[int, typer.Option("--chip-seed", "--seed", help="First chip seed.")] = 1,
+    fault: Annotated[str, typer.Option(
+        "--fault", help="stuck-at[:bit=14,value=1,site=product] or dead.")] = "stuck-at",
 ) -> None:
-    """Accuracy of a model with some layers on the faulty accelerator."""
-    from hasched.study.build import FaultScenario, build_evaluator, load_schedule
-    from hasched.study.build import evaluate as run_eval
+    """Sample chip fault maps (permanently faulty PEs) and save them, one JSON file each."""
+    from hasched.sim.faults import PermanentFault, create_fault
+    from hasched.study.scenario import parse_fault
 
-    if repeats < 1:
-        raise HaschedError("--repeats must be >= 1")
-    scn = FaultScenario(error=error, fr_max=fr_max, profile_seed=profile_seed,
-                        profile_path=str(profile) if profile else None, accel=_accel(n_sms))
-    scn.error_model()  # fail on an unknown error before any loading or training
-    scn.profile()
-    ev = build_evaluator(model, seed, layers, scn, images, device=device,
-                         models_dir=models_dir, data_dir=data_dir, log=_log)
-    perms = None
-    if schedule is not None:
-        perms, _ = load_schedule(schedule, ev.rows)
-    res = run_eval(ev, repeats=repeats, error_seed=error_seed, perms=perms)
-    if as_json:
-        typer.echo(json.dumps(res))
-        return
-    typer.echo(f"{model} seed {seed} | layers {','.join(res['layers'])} | {error} "
-               f"FR_max {fr_max:g} | profile seed {profile_seed} | {res['images']} images")
-    typer.echo(f"clean accuracy   {res['clean_accuracy']:.4f}")
-    typer.echo(f"faulty accuracy  {res['accuracy_mean']:.4f} +- {res['accuracy_std']:.4f} "
-               f"over {repeats} repeats" + (" (with schedule)" if perms else ""))
+    name, params = parse_fault(fault)
+    spec = create_fault(name, **dict(params))
+    if not isinstance(spec, PermanentFault):
+        raise HaschedError(f"--fault {name} is transient; chips hold permanent faults "
+                           "(stuck-at, dead)")
+    fracs = [float(v) for v in faulty_pes.split(",") if v.strip()]
+    if count < 1 or not fracs:
+        raise HaschedError("--count must be >= 1 and --faulty-pes non-empty")
+    mp = _mapping(mapping, n_sms)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HaschedError(f"{out} exists and is not an empty folder; use another --out")
+    maps = [(f, i, spec.sample_chip(mp.pe_shape, f, seed + i, mp.spec()))
+            for f in fracs for i in range(count)]
+    out.mkdir(parents=True, exist_ok=True)
+    for f, i, chip in maps:
+        chip.save(out / f"chip_f{f:g}_s{seed + i}.json")
+    typer.echo(f"wrote {len(maps)} chip maps ({mp.spec()}, {int(maps[0][2].faulty.size)} PEs) "
+               f"to {out}")
 
 
 @app.command()
+@scenario_options()
+def evaluate(
+    scn: dict,
+    schedule: Annotated[Path | None, typer.Option(
+        help="schedule.json (or a search output folder) to apply.")] = None,
+    device: DeviceOpt = "cpu",
+    models_dir: ModelsDirOpt = None,
+    data_dir: DataDirOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per layer "
+                                          "group.")] = False,
+) -> None:
+    """Accuracy of a model with some layers on a (faulty) simulated accelerator."""
+    from hasched.study.build import build_evaluator, load_schedule, model_layer_names
+    from hasched.study.build import evaluate as run_eval
+    from hasched.study.scenario import parse_layer_groups
+
+    groups = parse_layer_groups(scn["layers"], model_layer_names(scn["model"]))
+    scenarios = [scenario_from(scn, layers=g).validate() for g in groups]
+    for s in scenarios:
+        ev = build_evaluator(s, device=device, models_dir=models_dir, data_dir=data_dir,
+                             log=_log)
+        perms = load_schedule(schedule, ev.rows)[0] if schedule is not None else None
+        res = run_eval(ev, repeats=s.repeats, error_seed=s.error_seed, perms=perms)
+        if as_json:
+            typer.echo(json.dumps(res))
+            continue
+        typer.echo(f"{s.describe()} | {res['images']} images | path {res['path']}")
+        if res["arithmetic"] != "fp32":
+            typer.echo(f"fp32 reference  {res['reference_accuracy']:.4f}")
+        typer.echo(f"clean {res['metric']:9s} {res['clean_accuracy']:.4f}")
+        typer.echo(f"faulty {res['metric']:8s} {res['accuracy_mean']:.4f} +- "
+                   f"{res['accuracy_std']:.4f} over {res['repeats']} repeat(s)"
+                   + (" (with schedule)" if perms else ""))
+
+
+@app.command()
+@scenario_options(sweep=True, exclude=("error_seed",))
 def sensitivity(
+    scn: dict,
     out: Annotated[Path, typer.Option("--out", help="Campaign folder (resumed if it exists).")],
-    model: ModelOpt = "mnist32-cnn",
-    seeds: Annotated[str, typer.Option(help="Model seeds, e.g. 1,2,3.")] = "1,2,3",
-    layers: Annotated[str, typer.Option(
-        help="all | c0,h2 (one at a time) | c0+c1 (faulted together).")] = "all",
-    errors: Annotated[str, typer.Option(
-        help="all (the paper's five) | flip-to-1,bitflip.")] = "all",
-    fr_max: Annotated[str, typer.Option(
-        "--fr-max", help="paper (Table 1 per error) | sweep (Table 1 + 1e-4..0.5) | "
-        "1e-3,2e-3,5e-3.")] = "paper",
-    profile_seeds: Annotated[str, typer.Option(help="Fault-profile seeds.")] = "1,2",
-    repeats: Annotated[int, typer.Option(help="Fresh error instances per cell.")] = 3,
-    images: Annotated[str | None, typer.Option(
-        help="Test images: N, A:B or all.")] = "1000",
     workers: Annotated[int, typer.Option(help="CPU worker processes.")] = 1,
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
     report: Annotated[bool, typer.Option(help="Write figures and report.md at the end.")] = True,
 ) -> None:
-    """Fault-sensitivity campaign (paper 5.1): accuracy over a grid of faulty scenarios."""
+    """Fault-sensitivity campaign (paper 5.1): a grid of seeds x layer groups x faults x
+    FR_max x profile seeds; the other scenario options apply to every cell."""
     from hasched.study.campaign import CampaignConfig, run_campaign
 
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = CampaignConfig.from_args(model, seeds, layers, errors, fr_max, profile_seeds,
-                                   repeats, None if images == "all" else images, device)
+    swept = ("seed", "layers", "fault", "fr_max", "profile_seed", "images", "repeats")
+    base = scenario_from({k: v for k, v in scn.items() if k not in swept})
+    images = scn["images"]
+    cfg = CampaignConfig.from_args(scn["model"], scn["seed"], scn["layers"], scn["fault"],
+                                   scn["fr_max"], scn["profile_seed"], scn["repeats"],
+                                   None if images == "all" else images, device, base=base)
     res = run_campaign(cfg, out, workers=workers, models_dir=models_dir, data_dir=data_dir,
                        log=_log)
     typer.echo(f"{res['computed']} cells computed, {res['done_before']} already done, "
@@ -233,37 +264,33 @@ def report_cmd(
 
 
 @app.command()
+@scenario_options(exclude=("images",))
 def search(
+    scn: dict,
     out: Annotated[Path, typer.Option(help="Output folder (resumed if it holds this run).")],
-    model: ModelOpt = "mnist32-cnn",
-    seed: SeedOpt = 1,
-    layers: Annotated[str, typer.Option(help="Searched faulty layers: c0 | h2,op (joint).")] = "c0",
-    error: ErrorOpt = "flip-to-1",
-    fr_max: FrMaxOpt = 5e-3,
-    profile_seed: ProfileSeedOpt = 1,
     algorithm: Annotated[str, typer.Option(help="ga (HAS) or random.")] = "ga",
     population: Annotated[int, typer.Option(help="GA population.")] = 20,
     generations: Annotated[int, typer.Option(help="GA generations.")] = 100,
     runs: Annotated[int, typer.Option(help="Independent runs; the best is kept.")] = 3,
-    repeats: Annotated[int, typer.Option(help="Error instances per fitness evaluation.")] = 3,
     search_images: Annotated[str, typer.Option(help="Fitness images (A:B).")] = "5120:",
     holdout_images: Annotated[str, typer.Option(help="Held-out images (disjoint).")] = ":5120",
     holdout_repeats: Annotated[int, typer.Option(help="Held-out error instances.")] = 10,
     search_seed: Annotated[int, typer.Option(help="Run i is seeded search_seed + i.")] = 0,
     device: DeviceOpt = "cpu",
-    n_sms: NSmsOpt = 20,
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Search a fault-aware schedule (HAS) and evaluate it on held-out images."""
+    """Search a fault-aware schedule (HAS) for one layer group (c0, or h2+op jointly) and
+    evaluate it on held-out images. --repeats: error instances per fitness evaluation."""
     from hasched.study.schedule_search import SearchSettings, run_has_search
 
-    s = SearchSettings(model=model, seed=seed, layers=layers, error=error, fr_max=fr_max,
-                       profile_seed=profile_seed, algorithm=algorithm, population=population,
-                       generations=generations, runs=runs, repeats=repeats,
+    if "," in scn["layers"]:
+        raise HaschedError(f"search takes one layer group; join layers with + to search them "
+                           f"jointly (got --layers {scn['layers']})")
+    s = SearchSettings(scenario=scenario_from(scn).validate(), algorithm=algorithm,
+                       population=population, generations=generations, runs=runs,
                        search_images=search_images, holdout_images=holdout_images,
-                       holdout_repeats=holdout_repeats, search_seed=search_seed,
-                       n_sms=n_sms, device=device)
+                       holdout_repeats=holdout_repeats, search_seed=search_seed, device=device)
     res = run_has_search(out, s, models_dir=models_dir, data_dir=data_dir, log=_log)
     r = res["results"]
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} "
@@ -273,8 +300,14 @@ def search(
     typer.echo(f"report: {Path(out) / 'summary.md'}")
 
 
+_CASE_FIELDS = ("model", "seed", "layers", "fault", "fr_max", "profile_seed", "images",
+                "error_seed")
+
+
 @app.command()
+@scenario_options(exclude=_CASE_FIELDS)
 def reproduce(
+    scn: dict,
     out: Annotated[Path, typer.Option(help="Output folder (finished cases are skipped).")],
     quick: Annotated[bool, typer.Option(
         help="Reduced plan: the 12 mnist32-cnn cases, small GA (~15 min on 2 cores).")] = False,
@@ -282,15 +315,20 @@ def reproduce(
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Run the paper's §5.2 recovery cases and write REPORT.md."""
+    """Run the paper's §5.2 recovery cases and write REPORT.md. The cases set model, seeds,
+    layers, fault and FR_max; the other scenario options apply to every case."""
     from hasched.study.reproduce import run_reproduce
 
-    run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log)
+    base = scenario_from(scn).validate()
+    run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log,
+                  base=base)
     typer.echo(f"report: {Path(out) / 'REPORT.md'}")
 
 
 @app.command()
+@scenario_options(exclude=("model", "images"))
 def bench(
+    scn: dict,
     device: DeviceOpt = "cpu",
     filter: Annotated[str, typer.Option(help="Only entries whose name contains this.")] = "",
     model: ModelOpt = "mnist32-cnn",
@@ -299,10 +337,16 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     markdown: Annotated[Path | None, typer.Option(help="Also write a markdown table.")] = None,
 ) -> None:
-    """Time clean vs faulty inference, GA fitness and generations (ratios to clean)."""
+    """Time clean vs faulty inference, GA fitness and generations, int8/LUT arithmetic and
+    chips (ratios to clean). Scenario options other than the defaults add an entry for
+    that scenario."""
     from hasched.study.bench import BenchConfig, run_bench, to_markdown
+    from hasched.study.scenario import Scenario
 
-    cfg = BenchConfig(model=model, images=images, device=device, filter=filter, trials=trials)
+    custom = scenario_from({**scn, "model": model}).validate()
+    default = Scenario(model=model)
+    cfg = BenchConfig(model=model, images=images, device=device, filter=filter, trials=trials,
+                      custom=None if custom == default else custom)
     rows = run_bench(cfg, log=None if as_json else _log)
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -311,7 +355,9 @@ def bench(
 
 
 @app.command()
+@scenario_options(exclude=("model", "seed", "images"))
 def demo(
+    scn: dict,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
     generations: Annotated[int, typer.Option(help="GA generations.")] = 20,
     search_images: Annotated[str, typer.Option(help="Fitness images.")] = "5120:6120",
@@ -326,29 +372,31 @@ def demo(
     data_dir: DataDirOpt = None,
 ) -> None:
     """The main job in minutes: train mnist32-cnn, fault c0, search a HAS schedule."""
-    from hasched.study.build import FaultScenario, build_evaluator
+    from hasched.study.build import build_evaluator
     from hasched.study.build import evaluate as run_eval
     from hasched.study.schedule_search import SearchSettings, run_has_search
     from hasched.zoo.train import load_or_train
 
+    s0 = scenario_from({**scn, "model": "mnist32-cnn", "seed": 1}).validate()
+    if len(s0.layers) != 1 and "," in scn["layers"]:
+        raise HaschedError("demo takes one layer group (join layers with +)")
     models_dir = models_dir or out / "models"
     typer.echo(f"1/3 model: mnist32-cnn seed 1 (store {models_dir}; trained for "
                f"{train_epochs} epochs on first use, then cached)")
     _, meta = load_or_train("mnist32-cnn", 1, models_dir=models_dir, data_dir=data_dir,
                             log=_log, epochs=train_epochs)
     typer.echo(f"    test accuracy {meta['test_accuracy']:.4f} ({meta['epochs']} epochs)")
-    scn = FaultScenario("flip-to-1", 5e-3, 1)
-    ev = build_evaluator("mnist32-cnn", 1, ["c0"], scn, holdout_images, device=device,
+    ev = build_evaluator(s0.replace(images=holdout_images), device=device,
                          models_dir=models_dir, data_dir=data_dir, log=_log)
-    res = run_eval(ev, repeats=3, error_seed=0)
-    typer.echo(f"2/3 c0 on a faulty accelerator (flip-to-1, FR_max 5e-3, 20 SMs x 32 PEs): "
-               f"accuracy {res['clean_accuracy']:.4f} clean -> {res['accuracy_mean']:.4f} "
+    res = run_eval(ev, repeats=s0.repeats, error_seed=s0.error_seed)
+    typer.echo(f"2/3 on a faulty accelerator ({s0.describe()}): accuracy "
+               f"{res['clean_accuracy']:.4f} clean -> {res['accuracy_mean']:.4f} "
                f"+- {res['accuracy_std']:.4f}")
     typer.echo(f"3/3 HAS search: population 20, {generations} generations, fitness on "
                f"images {search_images}, held-out {holdout_images}")
-    s = SearchSettings(layers="c0", error="flip-to-1", fr_max=5e-3, profile_seed=1,
-                       generations=generations, runs=1, search_images=search_images,
-                       holdout_images=holdout_images, device=device)
+    s = SearchSettings(scenario=s0, generations=generations, runs=1,
+                       search_images=search_images, holdout_images=holdout_images,
+                       device=device)
     summ = run_has_search(out / "search", s, models_dir=models_dir, data_dir=data_dir, log=_log)
     r = summ["results"]
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} repeats):")

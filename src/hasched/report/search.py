@@ -53,7 +53,7 @@ def _bar(ax, labels, stats, colors) -> None:
 def plot_recovery(summary: dict, path: str | Path) -> Path:
     """Held-out clean / degraded (identity) / recovered (HAS) / random bars with 95% CIs."""
     r = summary["results"]
-    s = summary["settings"]
+    s = _flat(summary["settings"])
     fig, ax = plt.subplots(figsize=(5, 4))
     _bar(ax, ["clean", "degraded\n(identity)", "recovered\n(HAS)", "random\nsearch"],
          [r["clean"], r["identity"], r["has"], r["random"]],
@@ -97,13 +97,19 @@ def plot_cases(cases: list[dict], path: str | Path) -> Path:
     return Path(path)
 
 
+def _flat(settings: dict) -> dict:
+    """Search settings with the scenario's fields on top (``error`` = the fault model)."""
+    scn = settings.get("scenario", {})
+    return {**scn, "error": scn.get("fault"), **settings}
+
+
 def _fmt(st: dict) -> str:
     return f"{100 * st['mean']:.2f} [{100 * st['ci95'][0]:.2f}, {100 * st['ci95'][1]:.2f}]"
 
 
 def write_markdown(summary: dict, path: str | Path) -> Path:
     """A short markdown summary of one search folder."""
-    s, r, se = summary["settings"], summary["results"], summary["search"]
+    s, r, se = _flat(summary["settings"]), summary["results"], summary["search"]
     frac = summary["recovered_fraction"]
     lines = [
         f"# HAS search: {s['model']} seed {s['seed']}, layers {'+'.join(summary['layers'])}",

@@ -4,8 +4,9 @@ The CLI, the sensitivity campaigns and the schedule search all build their evalu
 here, so "evaluate mnist32-cnn seed 1 with c0 faulty" means the same thing everywhere.
 
 Example:
-    >>> from hasched.study.build import FaultScenario, build_evaluator, evaluate
-    >>> ev = build_evaluator("mnist32-cnn", 1, ["c0"], FaultScenario("flip-to-1", 5e-3, 1))
+    >>> from hasched.study.build import build_evaluator, evaluate
+    >>> from hasched.study.scenario import Scenario
+    >>> ev = build_evaluator(Scenario(layers=("c0",), fault="flip-to-1", fr_max=5e-3))
     >>> evaluate(ev, repeats=3, error_seed=0)["accuracy_mean"]  # doctest: +SKIP
 """
 
@@ -13,24 +14,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from hasched.errors import HaschedError
 from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
-from hasched.sim.faults import create_error_model
-from hasched.sim.hardware import AcceleratorConfig, FaultProfile
 from hasched.sim.layers import weight_layer_names
+from hasched.study.scenario import Scenario, parse_layer_groups
 from hasched.zoo.data import load_dataset
-from hasched.zoo.models import get_model_spec
+from hasched.zoo.models import create_model, get_model_spec
 from hasched.zoo.train import load_or_train
 
 __all__ = [
-    "FaultScenario",
     "resolve_device",
-    "parse_layers",
+    "calibration_images",
     "parse_image_range",
     "load_images",
     "build_evaluator",
@@ -38,38 +36,6 @@ __all__ = [
     "save_schedule",
     "load_schedule",
 ]
-
-
-@dataclass(frozen=True)
-class FaultScenario:
-    """What is wrong with the accelerator.
-
-    Attributes:
-        error: Error model name (see :func:`hasched.sim.faults.list_error_models`).
-        fr_max: Maximum per-PE fault rate of the generated profile.
-        profile_seed: Seed of the generated profile.
-        profile_path: Load this ``.npy``/``.json`` profile instead of generating one.
-        error_params: Extra error-model parameters, e.g. ``(("high_bit", 30),)``.
-        accel: Accelerator geometry.
-    """
-
-    error: str
-    fr_max: float
-    profile_seed: int = 1
-    profile_path: str | None = None
-    error_params: tuple[tuple[str, int], ...] = ()
-    accel: AcceleratorConfig = field(default_factory=AcceleratorConfig)
-
-    def error_model(self):
-        return create_error_model(self.error, **dict(self.error_params))
-
-    def profile(self) -> FaultProfile:
-        if self.profile_path:
-            prof = FaultProfile.load(self.profile_path)
-        else:
-            prof = FaultProfile.generate(self.fr_max, self.profile_seed, self.accel)
-        prof.check(self.accel)
-        return prof
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -92,20 +58,6 @@ def resolve_device(device: str | None = None) -> torch.device:
     elif dev.type != "cpu":
         raise HaschedError(f"unsupported device {device!r}; use cpu or cuda")
     return dev
-
-
-def parse_layers(spec: str | list[str], known: list[str]) -> list[str]:
-    """``"c0,h2"`` -> ``["c0", "h2"]``; ``"all"`` -> every weight layer."""
-    if isinstance(spec, str):
-        if spec.strip() == "all":
-            return list(known)
-        spec = [s.strip() for s in spec.replace("+", ",").split(",") if s.strip()]
-    for name in spec:
-        if name not in known:
-            raise HaschedError(f"unknown layer {name!r}; known layers: {', '.join(known)}")
-    if not spec:
-        raise HaschedError("no layer given")
-    return list(spec)
 
 
 def parse_image_range(spec: str | int | None, n_total: int) -> slice:
@@ -141,12 +93,21 @@ def load_images(
     return ds.images[sl].to(device), ds.labels[sl].to(device), info
 
 
+def model_layer_names(model_name: str) -> list[str]:
+    """Accelerable layer names of a registered model (no weights are loaded)."""
+    with torch.random.fork_rng():  # building a model draws from the global RNG
+        return weight_layer_names(create_model(model_name))
+
+
+def calibration_images(model_name: str, data_dir: str | Path | None, device,
+                       n: int = 512) -> torch.Tensor:
+    """The first ``n`` training images of the model's dataset (int8 activation scales)."""
+    ds = load_dataset(get_model_spec(model_name).dataset, "train", data_dir)
+    return ds.images[:n].to(device)
+
+
 def build_evaluator(
-    model_name: str,
-    seed: int,
-    layers: str | list[str],
-    scenario: FaultScenario,
-    images: str | int | None = None,
+    scn: Scenario,
     *,
     device: str | torch.device | None = "cpu",
     models_dir: str | Path | None = None,
@@ -158,25 +119,26 @@ def build_evaluator(
 ) -> FaultyEvaluator:
     """Loads (or trains) the model and its data and returns a ready evaluator.
 
-    ``data`` lets callers that evaluate many scenarios share one loaded image set.
-    The evaluator carries ``.info`` (model metadata, images, scenario) for reports.
+    ``data`` lets callers that evaluate many scenarios share one loaded image set (it
+    replaces ``scn.images``). The evaluator carries ``.info`` (model metadata, images,
+    scenario) for reports.
     """
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    model, meta = load_or_train(model_name, seed, models_dir=models_dir, data_dir=data_dir,
+    scn.validate()
+    model, meta = load_or_train(scn.model, scn.seed, models_dir=models_dir, data_dir=data_dir,
                                 progress=progress, log=log)
-    layer_list = parse_layers(layers, weight_layer_names(model))
-    x, y, img_info = data if data is not None else load_images(model_name, images, data_dir, dev)
-    ev = FaultyEvaluator(model, x.to(dev), y.to(dev), layer_list, scenario.profile(),
-                         scenario.error_model(), scenario.accel, config)
-    ev.info = {"model": model_name, "seed": seed, "layers": layer_list, "images": img_info,
-               "checkpoint": meta, "scenario": scenario_dict(scenario)}
+    parse_layer_groups([scn.layers], weight_layer_names(model))
+    x, y, img_info = data if data is not None else load_images(scn.model, scn.images,
+                                                               data_dir, dev)
+    arith = scn.arithmetic_obj()
+    calib = calibration_images(scn.model, data_dir, dev) if arith.needs_calibration else None
+    fault, profile, chip = scn.fault_data()
+    ev = FaultyEvaluator(model, x.to(dev), y.to(dev), list(scn.layers), fault, profile,
+                         chip=chip, mapping=scn.mapping_obj(), arithmetic=arith,
+                         calibration=calib, metric=scn.metric, config=config)
+    ev.info = {"images": img_info, "checkpoint": meta, "scenario": scn.to_dict(),
+               "mapping": ev.mapping.describe(), "fault": ev.fault_model.describe()}
     return ev
-
-
-def scenario_dict(s: FaultScenario) -> dict:
-    d = asdict(s)
-    d["error_params"] = dict(s.error_params)
-    return d
 
 
 def evaluate(
@@ -185,23 +147,38 @@ def evaluate(
     error_seed: int = 0,
     perms: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Clean and faulty accuracy of one evaluator (the JSON of ``hasched evaluate``)."""
+    """Clean and faulty metric of one evaluator (the JSON of ``hasched evaluate``).
+
+    The record holds the whole scenario (``scenario``), so that
+    ``Scenario.from_dict(record["scenario"])`` re-runs it.
+    """
     g = torch.Generator(device=ev.device).manual_seed(error_seed)
+    if ev.fault_model.permanent:
+        repeats = 1  # a chip is deterministic: more repeats would repeat the same number
     acc = ev.accuracy(perms, repeats=repeats, generator=g)[0].tolist()
     stats = summarize(acc)
     info = getattr(ev, "info", {})
-    scn = info.get("scenario", {})
+    scn = dict(info.get("scenario", {}))
+    scn.update(repeats=repeats, error_seed=error_seed)
     return {
-        "model": info.get("model"),
-        "seed": info.get("seed"),
+        "scenario": scn,
+        "model": scn.get("model"),
+        "seed": scn.get("seed"),
         "layers": ev.layers,
-        "error": scn.get("error"),
+        "error": scn.get("fault"),
         "fr_max": scn.get("fr_max"),
         "profile_seed": scn.get("profile_seed"),
+        "mapping": ev.mapping.spec(),
+        "arithmetic": ev.arithmetic.spec(),
+        "fault": ev.fault_model.describe(),
+        "metric": ev.metric_name,
         "repeats": repeats,
         "images": ev.n_images,
         "error_seed": error_seed,
         "scheduled": sorted(perms) if perms else [],
+        "path": ev.last_path,
+        "layer_paths": ev.layer_modes(),
+        "reference_accuracy": ev.reference_score,
         "clean_accuracy": ev.clean_accuracy,
         "accuracy_mean": stats["mean"],
         "accuracy_std": stats["std"],

@@ -26,19 +26,20 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
 
 from hasched.errors import HaschedError
+from hasched.seeds import derive_seed
 from hasched.sim.gemm import SAMPLER_VERSION
+from hasched.study.scenario import Scenario
 
 __all__ = [
     "SWEEP_FR_MAX",
@@ -51,14 +52,18 @@ __all__ = [
     "RESULT_COLUMNS",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the whole scenario in every row
 
 # The wider sweep drawn as curves (``--fr-max sweep``), on top of Table 1's rates.
 SWEEP_FR_MAX: tuple[float, ...] = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
                                    0.1, 0.2, 0.5)
 
-RESULT_COLUMNS = ["model", "seed", "layers", "error", "fr_max", "profile_seed", "repeat",
-                  "error_seed", "images", "clean_accuracy", "accuracy", "degradation_pts"]
+# One row per evaluation; with the campaign's base scenario the first 13 columns re-create
+# the row's Scenario exactly ("error" is the fault model).
+RESULT_COLUMNS = ["model", "seed", "layers", "mapping", "n_sms", "k_order", "arithmetic",
+                  "multiplier", "error", "fault_params", "fr_max", "profile_seed", "metric",
+                  "repeat", "error_seed", "images", "clean_accuracy", "accuracy",
+                  "degradation_pts"]
 GROUP_COLUMNS = ["model", "layers", "error", "fr_max"]
 
 
@@ -76,6 +81,65 @@ def _ints(spec: str | int | list[int] | tuple[int, ...], what: str) -> tuple[int
     if len(set(out)) != len(out):
         raise HaschedError(f"--{what} lists a value twice: {spec!r}")
     return out
+
+
+def _errors(errors: str | list[str]) -> list[str]:
+    """Fault specs (``name`` or ``name:key=value,...``) to sweep."""
+    from hasched.sim.faults import PAPER_FR_MAX, list_fault_models
+    from hasched.study.scenario import parse_fault, split_fault_list
+
+    names = list_fault_models()
+    if isinstance(errors, str):
+        errs = list(PAPER_FR_MAX) if errors.strip() == "all" else split_fault_list(errors)
+    else:
+        errs = list(errors)
+    for e in errs:
+        if parse_fault(e)[0] not in names:
+            raise HaschedError(f"unknown error model {e!r}; known: {', '.join(names)}")
+    if not errs or len(set(errs)) != len(errs):
+        raise HaschedError(f"--errors must list distinct error models, got {errors!r}")
+    return errs
+
+
+def _rates(fr_max: str | list[float], errs: list[str]) -> str | tuple[float, ...]:
+    from hasched.sim.faults import PAPER_FR_MAX
+
+    if isinstance(fr_max, str) and fr_max.strip() in ("paper", "sweep"):
+        missing = [e for e in errs if _name(e) not in PAPER_FR_MAX]
+        if missing:
+            raise HaschedError(f"the paper gives no FR_max for {', '.join(missing)}; "
+                               "pass explicit rates with --fr-max 1e-3,2e-3")
+        return fr_max.strip()
+    items = fr_max.split(",") if isinstance(fr_max, str) else fr_max
+    try:
+        frs = tuple(sorted({float(v) for v in items if str(v).strip()}))
+    except ValueError:
+        raise HaschedError(f"--fr-max must be paper, sweep or rates like 1e-3,5e-3; "
+                           f"got {fr_max!r}") from None
+    if not frs or not all(0 < v <= 1 and math.isfinite(v) for v in frs):
+        raise HaschedError(f"--fr-max rates must lie in (0, 1], got {fr_max!r}")
+    return frs
+
+
+def _normalized(base: Scenario, model: str) -> Scenario:
+    """The base with every field a cell sets reset, so that a config records (and a
+    resume compares) only what is really common to all cells."""
+    d = Scenario()
+    return base.replace(model=model, seed=d.seed, layers=d.layers, fault=d.fault,
+                        fault_params=d.fault_params, fr_max=d.fr_max,
+                        profile_seed=d.profile_seed, repeats=d.repeats, images=None,
+                        error_seed=d.error_seed)
+
+
+def _fault_fields(spec: str) -> dict:
+    from hasched.study.scenario import parse_fault
+
+    name, params = parse_fault(spec)
+    return {"fault": name, "fault_params": params} if params else {"fault": name}
+
+
+def _name(spec: str) -> str:
+    return spec.partition(":")[0]
 
 
 def _model_layers(model: str) -> list[str]:
@@ -114,67 +178,33 @@ class CampaignConfig:
     repeats: int = 3
     images: str | None = "1000"
     device: str = "cpu"
+    base: Scenario = field(default_factory=Scenario)
 
     @classmethod
     def from_args(
         cls,
         model: str,
         seeds: str | list[int] = "1,2,3",
-        layers: str | list[str] = "all",
+        layers: str | list[str] = "each",
         errors: str | list[str] = "all",
         fr_max: str | list[float] = "paper",
         profile_seeds: str | list[int] = "1,2",
         repeats: int = 3,
         images: str | int | None = 1000,
         device: str = "cpu",
+        base: Scenario | None = None,
     ) -> CampaignConfig:
-        """Parses and validates command-line style arguments (raises HaschedError)."""
-        from hasched.sim.faults import PAPER_FR_MAX, list_error_models
+        """Parses and validates command-line style arguments (raises HaschedError).
 
-        known = _model_layers(model)
-        if isinstance(layers, str):
-            entries = known if layers.strip() == "all" else [
-                e.strip() for e in layers.split(",") if e.strip()]
-        else:
-            entries = list(layers)
-        if not entries:
-            raise HaschedError("--layers is empty")
-        for entry in entries:
-            parts = entry.split("+")
-            for name in parts:
-                if name not in known:
-                    raise HaschedError(f"unknown layer {name!r} in --layers; {model} has "
-                                       f"{', '.join(known)}")
-            if len(set(parts)) != len(parts):
-                raise HaschedError(f"layer entry {entry!r} names a layer twice")
-        if len(set(entries)) != len(entries):
-            raise HaschedError(f"--layers lists an entry twice: {layers!r}")
-        names = list_error_models()
-        if isinstance(errors, str):
-            errs = list(PAPER_FR_MAX) if errors.strip() == "all" else [
-                e.strip() for e in errors.split(",") if e.strip()]
-        else:
-            errs = list(errors)
-        for e in errs:
-            if e not in names:
-                raise HaschedError(f"unknown error model {e!r}; known: {', '.join(names)}")
-        if not errs or len(set(errs)) != len(errs):
-            raise HaschedError(f"--errors must list distinct error models, got {errors!r}")
-        if isinstance(fr_max, str) and fr_max.strip() in ("paper", "sweep"):
-            frs: str | tuple[float, ...] = fr_max.strip()
-            missing = [e for e in errs if e not in PAPER_FR_MAX]
-            if missing:
-                raise HaschedError(f"the paper gives no FR_max for {', '.join(missing)}; "
-                                   "pass explicit rates with --fr-max 1e-3,2e-3")
-        else:
-            items = fr_max.split(",") if isinstance(fr_max, str) else fr_max
-            try:
-                frs = tuple(sorted({float(v) for v in items if str(v).strip()}))
-            except ValueError:
-                raise HaschedError(f"--fr-max must be paper, sweep or rates like 1e-3,5e-3; "
-                                   f"got {fr_max!r}") from None
-            if not frs or not all(0 < v <= 1 and math.isfinite(v) for v in frs):
-                raise HaschedError(f"--fr-max rates must lie in (0, 1], got {fr_max!r}")
+        ``base`` holds the scenario fields that are not swept (mapping, arithmetic, fault
+        parameters, metric...); its model, seed, layers, fault, rates and images are
+        replaced per cell.
+        """
+        from hasched.study.scenario import parse_layer_groups
+
+        groups = parse_layer_groups(layers, _model_layers(model))
+        errs = _errors(errors)
+        frs = _rates(fr_max, errs)
         if int(repeats) < 1:
             raise HaschedError(f"--repeats must be >= 1, got {repeats}")
         if images is not None:
@@ -184,31 +214,45 @@ class CampaignConfig:
         dev = str(device or "cpu").split(":")[0]
         if dev not in ("cpu", "cuda"):
             raise HaschedError(f"--device must be cpu or cuda, got {device!r}")
-        return cls(model=model, seeds=_ints(seeds, "seeds"), layers=tuple(entries),
-                   errors=tuple(errs), fr_max=frs,
+        base = _normalized(base or Scenario(), model)
+        for e in errs:  # every fault must build with the base's parameters
+            base.replace(**_fault_fields(e), fr_max=0.0).validate()
+        return cls(model=model, seeds=_ints(seeds, "seeds"),
+                   layers=tuple("+".join(g) for g in groups), errors=tuple(errs), fr_max=frs,
                    profile_seeds=_ints(profile_seeds, "profile-seeds"), repeats=int(repeats),
-                   images=None if images is None else str(images).strip(), device=dev)
+                   images=None if images is None else str(images).strip(), device=dev,
+                   base=base)
+
+    def scenario(self, cell: Cell) -> Scenario:
+        """The full scenario of one cell."""
+        return self.base.replace(model=self.model, seed=cell.seed,
+                                 layers=tuple(cell.layers.split("+")), **_fault_fields(cell.error),
+                                 fr_max=cell.fr_max, profile_seed=cell.profile_seed,
+                                 repeats=self.repeats, images=self.images,
+                                 error_seed=cell.error_seed(self.model))
 
     def rates(self, error: str) -> tuple[float, ...]:
         """The FR_max values of one error type."""
         from hasched.sim.faults import PAPER_FR_MAX
 
         if self.fr_max == "paper":
-            return tuple(PAPER_FR_MAX[error])
+            return tuple(PAPER_FR_MAX[_name(error)])
         if self.fr_max == "sweep":
-            return tuple(sorted(set(PAPER_FR_MAX[error]) | set(SWEEP_FR_MAX)))
+            return tuple(sorted(set(PAPER_FR_MAX[_name(error)]) | set(SWEEP_FR_MAX)))
         return tuple(self.fr_max)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "base"}
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        d["base"] = self.base.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CampaignConfig:
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        d["base"] = Scenario.from_dict(d.get("base", {}))
         return cls(**d)
 
 
@@ -228,8 +272,7 @@ class Cell:
 
     def error_seed(self, model: str) -> int:
         """Stable across runs, processes and Python versions (not ``hash()``)."""
-        digest = hashlib.sha256(f"{model}|{self.key}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+        return derive_seed(model, self.key)
 
 
 def expand_grid(cfg: CampaignConfig) -> list[Cell]:
@@ -312,10 +355,15 @@ def _finished(out: Path, cells: list[Cell]) -> dict[str, list[dict]]:
 
 def _rows(cfg: CampaignConfig, cell: Cell, res: dict) -> list[dict]:
     clean = float(res["clean_accuracy"])
-    return [{"model": cfg.model, "seed": cell.seed, "layers": cell.layers, "error": cell.error,
-             "fr_max": cell.fr_max, "profile_seed": cell.profile_seed, "repeat": i,
+    scn = cfg.scenario(cell)
+    fixed = {"model": cfg.model, "seed": cell.seed, "layers": cell.layers,
+             "mapping": scn.mapping, "n_sms": scn.n_sms, "k_order": scn.k_order,
+             "arithmetic": scn.arithmetic, "multiplier": scn.multiplier, "error": cell.error,
+             "fault_params": json.dumps(dict(scn.fault_params), sort_keys=True),
+             "fr_max": cell.fr_max, "profile_seed": cell.profile_seed, "metric": scn.metric,
              "error_seed": cell.error_seed(cfg.model), "images": int(res["images"]),
-             "clean_accuracy": clean, "accuracy": float(a),
+             "clean_accuracy": clean}
+    return [{**fixed, "repeat": i, "accuracy": float(a),
              "degradation_pts": 100.0 * (clean - float(a))}
             for i, a in enumerate(res["accuracies"])]
 
@@ -361,17 +409,16 @@ _WORKER: dict = {}
 
 def _default_evaluate(cfg: CampaignConfig, cell: Cell) -> dict:
     """Builds the cell's evaluator (model and data cached per process) and evaluates it."""
-    from hasched.study.build import FaultScenario, build_evaluator, evaluate, load_images
+    from hasched.study.build import build_evaluator, evaluate, load_images
 
     device = _WORKER.get("device", cfg.device)
     dkey = ("data", device)
     if dkey not in _WORKER:
         _WORKER[dkey] = load_images(cfg.model, cfg.images, _WORKER.get("data_dir"), device)
-    scn = FaultScenario(error=cell.error, fr_max=cell.fr_max, profile_seed=cell.profile_seed)
-    ev = build_evaluator(cfg.model, cell.seed, cell.layers.split("+"), scn, cfg.images,
-                         device=device, models_dir=_WORKER.get("models_dir"),
+    scn = cfg.scenario(cell)
+    ev = build_evaluator(scn, device=device, models_dir=_WORKER.get("models_dir"),
                          data_dir=_WORKER.get("data_dir"), progress=False, data=_WORKER[dkey])
-    return evaluate(ev, repeats=cfg.repeats, error_seed=cell.error_seed(cfg.model))
+    return evaluate(ev, repeats=scn.repeats, error_seed=scn.error_seed)
 
 
 def _init_worker(devices, threads: int, models_dir, data_dir) -> None:

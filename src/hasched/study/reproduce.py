@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hasched.sim.evaluator import summarize
+from hasched.study.scenario import Scenario
 from hasched.study.schedule_search import SearchSettings, run_has_search
 
 __all__ = ["Case", "paper_cases", "QUICK", "FULL", "run_reproduce"]
@@ -22,19 +23,27 @@ __all__ = ["Case", "paper_cases", "QUICK", "FULL", "run_reproduce"]
 
 @dataclass(frozen=True)
 class Case:
+    """One §5.2 case: which layers, which fault at which FR_max, and what the paper says."""
+
     model: str
-    layers: str
+    layers: str  # one layer group, "h2+op" faults both
     error: str
     fr_max: float
     paper: str  # what the paper's text reports for this case
 
     @property
     def name(self) -> str:
-        return f"{self.model} {self.layers.replace(',', '+')} {self.error} {self.fr_max:g}"
+        return f"{self.model} {self.layers} {self.error} {self.fr_max:g}"
 
     @property
     def slug(self) -> str:
-        return f"{self.model}_{self.layers.replace(',', '+')}_{self.error}_{self.fr_max:g}"
+        return f"{self.model}_{self.layers}_{self.error}_{self.fr_max:g}"
+
+    def scenario(self, base: Scenario, model_seed: int, profile_seed: int) -> Scenario:
+        """The case on ``base``'s accelerator (mapping, arithmetic, fault parameters...)."""
+        return base.replace(model=self.model, seed=model_seed,
+                            layers=tuple(self.layers.split("+")), fault=self.error,
+                            fr_max=self.fr_max, profile_seed=profile_seed)
 
 
 def paper_cases() -> list[Case]:
@@ -47,12 +56,12 @@ def paper_cases() -> list[Case]:
                               else "almost all lost accuracy recovered"))
     for err in ("tf32", "bf16"):
         for fr in (0.1, 0.2, 0.5):
-            for layers in ("h2", "op", "h2,op"):
+            for layers in ("h2", "op", "h2+op"):
                 cases.append(Case("mnist32-cnn", layers, err, fr,
-                                  "+~5 points" if layers == "h2,op" else "+2-4 points"))
+                                  "+~5 points" if layers == "h2+op" else "+2-4 points"))
     for err in ("flip-to-1", "bitflip"):
         for layers, text in (("c0", "+~5 points; almost full recovery"), ("c1", "+~5 points"),
-                             ("c0,c1", "+~10 points")):
+                             ("c0+c1", "+~10 points")):
             cases.append(Case("fashion-cnn", layers, err, 0.5, text))
     return cases
 
@@ -68,7 +77,7 @@ class Plan:
 
 FULL = Plan(
     paper_cases(), (1, 2, 3), (1, 2),
-    SearchSettings(population=20, generations=100, runs=3, repeats=3, search_images="5120:",
+    SearchSettings(population=20, generations=100, runs=3, search_images="5120:",
                    holdout_images=":5120", holdout_repeats=10),
     "all 42 §5.2 cases x model seeds 1,2,3 x profile seeds 1,2; paper GA (population 20, "
     "100 generations, 3 runs, 3 repeats), search images 5120:, held-out :5120, 10 repeats",
@@ -77,7 +86,7 @@ _QUICK_CASES = [c for c in paper_cases() if c.model == "mnist32-cnn" and (
     c.layers == "c0" or c.fr_max == 0.5)]
 QUICK = Plan(
     _QUICK_CASES, (1,), (1,),
-    SearchSettings(population=20, generations=30, runs=1, repeats=3, search_images="5120:6120",
+    SearchSettings(population=20, generations=30, runs=1, search_images="5120:6120",
                    holdout_images=":2000", holdout_repeats=10),
     "the 12 mnist32-cnn cases (c0 flip-to-1 and bitflip at 1e-3, 2e-3, 5e-3; h2, op, h2+op "
     "with tf32 and bf16 at 0.5), model seed 1, profile seed 1; GA population 20, "
@@ -98,6 +107,11 @@ def _pct(st: dict) -> str:
     return f"{100 * st['mean']:.1f} [{100 * st['ci95'][0]:.1f}, {100 * st['ci95'][1]:.1f}]"
 
 
+def plan_base() -> Scenario:
+    """The cases' default accelerator: the paper's (gpu-tiles, 20 SMs, fp32), 3 repeats."""
+    return Scenario(repeats=3)
+
+
 def run_reproduce(
     out: str | Path,
     quick: bool = False,
@@ -107,8 +121,14 @@ def run_reproduce(
     data_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    base: Scenario | None = None,
 ) -> list[dict]:
-    """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows."""
+    """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows.
+
+    ``base`` sets what the cases do not (mapping, arithmetic, fault parameters...): e.g.
+    ``Scenario(n_sms=10)`` reruns the cases on the authors' 10-SM configuration.
+    """
+    base = base or plan_base()
     from hasched.report.search import plot_cases
 
     plan = QUICK if quick else FULL
@@ -122,9 +142,7 @@ def run_reproduce(
         for ms in plan.model_seeds:
             for ps in plan.profile_seeds:
                 log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
-                s = replace(plan.settings, model=case.model, seed=ms, layers=case.layers,
-                            error=case.error, fr_max=case.fr_max, profile_seed=ps,
-                            device=device)
+                s = replace(plan.settings, scenario=case.scenario(base, ms, ps), device=device)
                 runs.append(run_has_search(out / "cases" / case.slug / f"ms{ms}_ps{ps}", s,
                                            models_dir=models_dir, data_dir=data_dir, log=log,
                                            progress=progress))

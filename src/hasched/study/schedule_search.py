@@ -41,20 +41,15 @@ from hasched.search import (
     best_of,
     create_searcher,
 )
+from hasched.seeds import derive_seed
 from hasched.sim.evaluator import FaultyEvaluator, summarize
+from hasched.study.scenario import Scenario
 
 __all__ = ["SearchSettings", "ScheduleProblem", "check_disjoint", "run_has_search"]
 
-_M63 = 2**63
-
-
 def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (an LCG-style hash; no Python ``hash``)."""
-    h = 0x243F6A8885A308D3
-    for p in parts:
-        h = (h * 6364136223846793005 + int(p) + 1442695040888963407) % _M63
-        h ^= h >> 29
-    return h
+    """A deterministic 63-bit seed from integers (see :func:`hasched.seeds.derive_seed`)."""
+    return derive_seed(*(int(p) for p in parts))
 
 
 @dataclass(frozen=True)
@@ -62,14 +57,13 @@ class SearchSettings:
     """Everything that determines a search's result (``device`` excepted).
 
     Attributes:
-        model, seed: registered model and model seed.
-        layers: faulty (and searched) layers, e.g. ``"c0"`` or ``"h2,op"`` (joint search).
-        error, fr_max, profile_seed, n_sms: the fault scenario.
+        scenario: What runs where and what goes wrong (model, the searched layer group,
+            mapping, arithmetic, faults); ``scenario.repeats`` error instances per fitness
+            evaluation (paper: 3); its ``images`` are replaced by the two ranges below.
         algorithm: ``"ga"`` (HAS) or ``"random"``.
         population, generations: GA size (random search gets ``population`` *
             (``generations`` + 1) evaluations when it is the main algorithm).
         runs: independent runs; the best on the search images is kept (paper: 3).
-        repeats: error instances per fitness evaluation (paper: 3).
         search_images, holdout_images: disjoint test-image ranges (``A:B`` etc.).
         holdout_repeats: fresh error instances on the held-out images.
         search_seed: run ``i`` is seeded with ``search_seed + i``.
@@ -77,37 +71,52 @@ class SearchSettings:
         device: ``cpu``, ``cuda`` or ``auto`` (not part of the resume check).
     """
 
-    model: str = "mnist32-cnn"
-    seed: int = 1
-    layers: str = "c0"
-    error: str = "flip-to-1"
-    fr_max: float = 5e-3
-    profile_seed: int = 1
+    scenario: Scenario = Scenario()
     algorithm: str = "ga"
     population: int = 20
     generations: int = 100
     runs: int = 3
-    repeats: int = 3
     search_images: str = "5120:"
     holdout_images: str = ":5120"
     holdout_repeats: int = 10
     search_seed: int = 0
     holdout_seed: int = 20240101
-    n_sms: int = 20
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("ga", "random"):
             raise HaschedError(f"--algorithm must be ga or random, got {self.algorithm!r}")
-        for name, low in (("population", 2), ("generations", 0), ("runs", 1), ("repeats", 1),
+        for name, low in (("population", 2), ("generations", 0), ("runs", 1),
                           ("holdout_repeats", 2)):
             if getattr(self, name) < low:
                 raise HaschedError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+    @classmethod
+    def make(cls, base: SearchSettings | None = None, **kw) -> SearchSettings:
+        """Settings from keyword arguments; scenario fields (``layers``, ``fault``,
+        ``fr_max``...) go into the scenario (``error`` is an alias of ``fault``)."""
+        base = base or cls()
+        if "error" in kw:
+            kw["fault"] = kw.pop("error")
+        scn_fields = {f.name for f in dataclasses.fields(Scenario)}
+        scn_kw = {k: kw.pop(k) for k in list(kw) if k in scn_fields}
+        if isinstance(scn_kw.get("layers"), str):
+            spec = scn_kw["layers"]
+            if "," in spec:
+                raise HaschedError(f"search takes one layer group; join layers with + to "
+                                   f"search them jointly (got --layers {spec})")
+            scn_kw["layers"] = tuple(spec.split("+"))
+        return dataclasses.replace(base, scenario=base.scenario.replace(**scn_kw), **kw)
+
+    @property
+    def repeats(self) -> int:
+        return self.scenario.repeats
 
     def key(self) -> dict:
         """The settings a resumed run must share with the original one."""
         d = dataclasses.asdict(self)
         d.pop("device")
+        d["scenario"] = self.scenario.to_dict()
         return d
 
 
@@ -205,16 +214,10 @@ def run_has_search(
     Raises:
         HaschedError: bad settings, overlapping image ranges, or ``out`` holding another run.
     """
-    from hasched.sim.hardware import AcceleratorConfig
-    from hasched.study.build import (
-        FaultScenario,
-        build_evaluator,
-        load_images,
-        resolve_device,
-        save_schedule,
-    )
+    from hasched.study.build import build_evaluator, load_images, resolve_device, save_schedule
 
-    s = dataclasses.replace(settings or SearchSettings(), **overrides)
+    s = SearchSettings.make(settings, **overrides)
+    scn = s.scenario.validate()
     log = log or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,17 +235,16 @@ def run_has_search(
         cfg_path.write_text(json.dumps(s.key(), indent=1))
     t0 = time.perf_counter()
 
-    accel = AcceleratorConfig(n_sms=s.n_sms)
-    scn = FaultScenario(error=s.error, fr_max=s.fr_max, profile_seed=s.profile_seed, accel=accel)
-    scn.error_model()
     dev = resolve_device(s.device)
-    data_s = load_images(s.model, s.search_images, data_dir, dev)
-    data_h = load_images(s.model, s.holdout_images, data_dir, dev)
+    data_s = load_images(scn.model, s.search_images, data_dir, dev)
+    data_h = load_images(scn.model, s.holdout_images, data_dir, dev)
     check_disjoint(data_s[2], data_h[2])
-    ev = build_evaluator(s.model, s.seed, s.layers, scn, device=dev, models_dir=models_dir,
-                         data_dir=data_dir, log=log, progress=progress, data=data_s)
-    ev_h = build_evaluator(s.model, s.seed, s.layers, scn, device=dev, models_dir=models_dir,
-                           data_dir=data_dir, log=log, progress=progress, data=data_h)
+    ev = build_evaluator(scn.replace(images=s.search_images), device=dev,
+                         models_dir=models_dir, data_dir=data_dir, log=log, progress=progress,
+                         data=data_s)
+    ev_h = build_evaluator(scn.replace(images=s.holdout_images), device=dev,
+                           models_dir=models_dir, data_dir=data_dir, log=log,
+                           progress=progress, data=data_h)
 
     seeds = [s.search_seed + i for i in range(s.runs)]
     ckdir = out / "ckpt"
@@ -281,9 +283,9 @@ def run_has_search(
     lost = clean - results["identity"]["mean"]
     gained = results["has"]["mean"] - results["identity"]["mean"]
 
-    meta = {"model": s.model, "seed": s.seed, "layers": ev.layers, "error": s.error,
-            "fr_max": s.fr_max, "profile_seed": s.profile_seed,
-            "accelerator": dataclasses.asdict(accel), "algorithm": s.algorithm,
+    meta = {"model": scn.model, "seed": scn.seed, "layers": ev.layers, "error": scn.fault,
+            "fr_max": scn.fr_max, "profile_seed": scn.profile_seed,
+            "scenario": scn.to_dict(), "mapping": ev.mapping.describe(), "algorithm": s.algorithm,
             "search_seed": s.search_seed, "search_images": data_s[2],
             "checkpoint": {k: ev.info["checkpoint"].get(k) for k in ("test_accuracy", "epochs")}}
     save_schedule(out / "schedule.json", best.best, **meta, fitness=best.best_fitness,
@@ -319,7 +321,7 @@ def run_has_search(
     from hasched.report.search import plot_convergence, plot_recovery, write_markdown
 
     plot_convergence(rows, out / "convergence.png",
-                     title=f"{s.model} {'+'.join(ev.layers)} {s.error} FR_max {s.fr_max:g}")
+                     title=f"{scn.model} {scn.layer_spec} {scn.fault} FR_max {scn.fr_max:g}")
     plot_recovery(summary, out / "recovery.png")
     write_markdown(summary, out / "summary.md")
     tmp = sum_path.with_name("summary.json.tmp")
