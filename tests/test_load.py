@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -15,7 +14,7 @@ from hasched.zoo.load import eval_data, load_model
 from hasched.zoo.ref import ModelRef, build_model
 from hasched.zoo.train import checkpoint_dir, train_ref
 from hasched.zoo.weights import read_state_file
-from idx_files import FILES, write_idx
+from idx_files import write_learnable
 
 
 @pytest.fixture
@@ -23,18 +22,7 @@ def data_dir(tmp_path, monkeypatch):
     """Small learnable synthetic mnist/ and fashion-mnist/ folders (128 train, 32 test)."""
     monkeypatch.delenv("HASCHED_DATA_DIR", raising=False)
     monkeypatch.setattr(data, "_download", lambda *a, **k: pytest.fail("tests never download"))
-    rng = np.random.default_rng(1)
-    root = tmp_path / "data"
-    for folder in ("mnist", "fashion-mnist"):
-        (root / folder).mkdir(parents=True)
-        for split, n in (("train", 128), ("test", 32)):
-            labels = rng.integers(0, 10, n, dtype=np.uint8)
-            images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-            for i, lab in enumerate(labels):
-                images[i, 2 * lab + 4 : 2 * lab + 6, :] = 255  # a label-dependent band
-            write_idx(root / folder / FILES[split][0], images)
-            write_idx(root / folder / FILES[split][1], labels)
-    return root
+    return write_learnable(tmp_path / "data")
 
 
 @pytest.fixture
