@@ -9,10 +9,10 @@ from torch import nn
 
 from hasched.errors import HaschedError
 from hasched.zoo import data
-from hasched.zoo.data import load_dataset, resize_bilinear
+from hasched.zoo.data import InputAdapter, load_dataset, resize_bilinear
 from hasched.zoo.load import eval_data, load_model
 from hasched.zoo.ref import ModelRef, build_model
-from hasched.zoo.train import checkpoint_dir, train_ref
+from hasched.zoo.train import checkpoint_dir, recalibrate_batchnorm, train_ref
 from hasched.zoo.weights import read_state_file
 from idx_files import write_learnable
 
@@ -68,7 +68,24 @@ def test_resnet18_trains_through_the_adapter(data_dir):
                             progress=False)
     assert meta["input"]["to"] == [3, 32, 32] and len(meta["input"]["steps"]) == 2
     assert meta["builder"] == "hasched (torchvision-compatible)"
-    assert not model.training and int(model.bn1.num_batches_tracked) == 1
+    assert not model.training and meta["bn_recalibration_images"] == 8
+    assert int(model.bn1.num_batches_tracked) == 1  # one recalibration batch
+
+
+def test_batchnorm_recalibration_is_an_equal_weight_average():
+    images = torch.rand(6, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.BatchNorm2d(2, momentum=0.01))
+    identity = InputAdapter((2, 2, 2), (2, 2, 2))
+    assert recalibrate_batchnorm(model, images, identity, batch_size=3, n_images=6) == 6
+    bn = model[0]
+    torch.testing.assert_close(bn.running_mean, images.mean(dim=(0, 2, 3)))
+    batch_vars = [images[i : i + 3].transpose(0, 1).reshape(2, -1).var(dim=1) for i in (0, 3)]
+    torch.testing.assert_close(bn.running_var, (batch_vars[0] + batch_vars[1]) / 2)
+    assert bn.momentum == 0.01 and not model.training
+    # A last batch of one image is left out; a model without BatchNorm is left alone.
+    assert recalibrate_batchnorm(model, images, identity, batch_size=3, n_images=4) == 3
+    torch.testing.assert_close(bn.running_mean, images[:3].mean(dim=(0, 2, 3)))
+    assert recalibrate_batchnorm(nn.Linear(2, 2), images, identity) == 0
 
 
 def test_training_rejects_a_model_that_cannot_score_every_class(data_dir, tmp_path,
