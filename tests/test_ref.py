@@ -62,6 +62,7 @@ def user_pkg(tmp_path, monkeypatch):
     ({"module": "a.b:c:d", "dataset": "mnist"}, "bad module reference"),
     ({"model": "mnist32-cnn", "num_classes": 5}, "fixed output layer; num_classes does not"),
     ({"model": "mlp", "num_classes": 0}, "num_classes must be a positive integer"),
+    ({"model": "mlp", "num_classes": 2.5}, "num_classes must be a positive integer, got 2.5"),
     ({"model": "mlp", "checkpoint": "w.bin"}, "use a .safetensors, .pt or .pth file"),
     ({"model": "mlp", "dataset": "cifar10"}, "unknown dataset 'cifar10'"),
     ({"torchvision": "resnet18", "dataset": "mnist", "kwargs": {"weights": "DEFAULT"}},

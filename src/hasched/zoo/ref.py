@@ -59,7 +59,6 @@ _BUNDLED = {
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _MODULE_RE = re.compile(rf"{_IDENT}(\.{_IDENT})*:{_IDENT}")
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.+-]+")
-_FILLED = ("num_classes", "in_channels", "image_size")  # filled from the dataset, see below
 
 
 @functools.cache
@@ -130,10 +129,8 @@ class ModelRef:
             if not path.endswith(CHECKPOINT_SUFFIXES):
                 raise HaschedError(f"checkpoint {path!r}: use a .safetensors, .pt or .pth file")
             set_("checkpoint", path)
-        if self.num_classes is not None and (
-            isinstance(self.num_classes, bool) or int(self.num_classes) != self.num_classes
-            or self.num_classes < 1
-        ):
+        n = self.num_classes
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise HaschedError(f"num_classes must be a positive integer, got {self.num_classes}")
         if self.input_shape is not None:
             shape = tuple(int(v) for v in self.input_shape)
