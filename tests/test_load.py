@@ -10,9 +10,10 @@ from torch import nn
 from hasched.errors import HaschedError
 from hasched.zoo import data
 from hasched.zoo.data import InputAdapter, load_dataset, resize_bilinear
+from hasched.zoo.fit import recalibrate_batchnorm
 from hasched.zoo.load import eval_data, load_model
 from hasched.zoo.ref import ModelRef, build_model
-from hasched.zoo.train import checkpoint_dir, recalibrate_batchnorm, train_ref
+from hasched.zoo.train import checkpoint_dir, train_ref
 from hasched.zoo.weights import read_state_file
 from idx_files import write_learnable
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,10 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from hasched.errors import HaschedError
-from hasched.zoo.data import Dataset, InputAdapter, dataset_classes, load_dataset
+from hasched.zoo.data import Dataset, dataset_classes, load_dataset
+from hasched.zoo.fit import check_outputs, evaluate_accuracy, fit, recalibrate_batchnorm
 from hasched.zoo.models import GENERIC_RECIPE, TrainRecipe, get_model_spec, init_weights
 from hasched.zoo.ref import ModelRef, adapter_for, build_model, builder_origin
 from hasched.zoo.weights import load_strict
@@ -47,7 +46,6 @@ __all__ = [
     "load_or_train",
     "load_or_train_ref",
     "load_stored",
-    "recalibrate_batchnorm",
     "recipe_for",
     "resolve_models_dir",
     "save_checkpoint",
@@ -60,8 +58,6 @@ _META = "meta.json"
 # Offsets the shuffling stream from the init stream so that neither depends on how many
 # numbers the other consumed.
 _SHUFFLE_SEED_OFFSET = 0x5EED_0FF5
-# Training images that re-estimate BatchNorm statistics after training.
-BN_RECALIBRATION_IMAGES = 2048
 
 
 class CheckpointNotFoundError(HaschedError):
@@ -87,29 +83,6 @@ class TrainConfig:
     max_steps: int | None = None
     train_subset: int | None = None
     device: str = "cpu"
-
-
-def evaluate_accuracy(
-    model: nn.Module,
-    dataset: Dataset,
-    batch_size: int = 1000,
-    device: str = "cpu",
-    adapter: InputAdapter | None = None,
-) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (model is put in eval mode).
-
-    ``adapter`` turns the dataset's images into the model's input (default: as they are).
-    """
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            x = dataset.images[start : start + batch_size].to(device)
-            if adapter is not None:
-                x = adapter(x)
-            y = dataset.labels[start : start + batch_size].to(device)
-            correct += int((model(x).argmax(dim=1) == y).sum())
-    return correct / max(len(dataset), 1)
 
 
 def _scaled_epochs(recipe_epochs: int, reference: int, n_train: int) -> int:
@@ -221,9 +194,9 @@ def train_ref(
         init_weights(model, recipe.init, init_gen)
         model.to(cfg.device)
         adapter = adapter_for(ref, model)
-        _check_outputs(model, ref, adapter(x_train[:2]), dataset_classes(ref.dataset))
+        check_outputs(model, ref, adapter(x_train[:2]), dataset_classes(ref.dataset))
         model.train()
-        step, loss_value = _fit(model, recipe, x_train, y_train, adapter, total_steps,
+        step, loss_value = fit(model, recipe, x_train, y_train, adapter, total_steps,
                                 shuffle_gen, progress, f"train {ref.store_name} seed{cfg.seed}")
         n_recalibrated = recalibrate_batchnorm(model, x_train, adapter, recipe.batch_size)
     timing = (time.perf_counter() - started, time.process_time() - cpu_started)
@@ -236,114 +209,6 @@ def train_ref(
     if n_recalibrated:
         meta["bn_recalibration_images"] = n_recalibrated
     return model, meta
-
-
-def recalibrate_batchnorm(
-    model: nn.Module,
-    images: torch.Tensor,
-    adapter: InputAdapter,
-    batch_size: int = 128,
-    n_images: int = BN_RECALIBRATION_IMAGES,
-) -> int:
-    """Recompute BatchNorm running statistics as an equal-weight average over training images.
-
-    After a short training run the running statistics are still close to their initial
-    values when the momentum is small (torchvision's MobileNetV3 uses 0.01: after 79 steps
-    45% of the running mean is still the initial zero), and the model is useless in eval
-    mode. So the statistics are re-estimated from the first ``n_images`` training images in
-    order ("precise BN"): only the BatchNorm layers run in training mode, without gradients,
-    with ``momentum=None`` (a cumulative average); weights are untouched and no random
-    number is drawn.
-
-    Returns:
-        The number of images used (0 when the model has no BatchNorm).
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    momenta = [m.momentum for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    n = min(n_images, int(images.shape[0]))
-    used = 0
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            batch = images[start : min(start + batch_size, n)]
-            if batch.shape[0] < 2:  # one image at 1x1 has no batch statistics
-                break
-            model(adapter(batch))
-            used += int(batch.shape[0])
-    for m, momentum in zip(bns, momenta, strict=True):
-        m.momentum = momentum
-    model.eval()
-    return used
-
-
-def _check_outputs(model: nn.Module, ref: ModelRef, x: torch.Tensor, n_classes: int) -> None:
-    """One eval-mode forward on two images: the model must take them and score every class.
-
-    Eval mode so that BatchNorm statistics and dropout are untouched by the probe.
-    """
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise HaschedError(f"{ref.name} cannot take {ref.dataset} images shaped"
-                           f" {tuple(x.shape[1:])}: {first}") from None
-    if out.ndim != 2 or out.shape[1] < n_classes:
-        raise HaschedError(f"{ref.name} gives outputs shaped {tuple(out.shape[1:])} per image;"
-                           f" {ref.dataset} needs {n_classes} class scores (set num_classes)")
-
-
-def _fit(
-    model: nn.Module,
-    recipe: TrainRecipe,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    adapter: InputAdapter,
-    total_steps: int,
-    shuffle_gen: torch.Generator,
-    progress: bool,
-    desc: str,
-) -> tuple[int, float]:
-    """The optimisation loop; returns ``(steps taken, last loss)``."""
-    if recipe.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
-    else:
-        # Keras' Adam epsilon is 1e-7 (PyTorch's default is 1e-8).
-        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, eps=1e-7)
-    loss_fn = nn.CrossEntropyLoss()
-    n_train = int(y_train.shape[0])
-    # BatchNorm cannot train on one image at 1x1 (resnet18 at 32 px): skip such a last batch.
-    min_batch = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                         for m in model.modules()) else 1
-    step, loss_value = 0, float("nan")
-    bar = tqdm(total=total_steps, desc=desc, file=sys.stderr, disable=not progress,
-               unit="step", leave=False)
-    with bar:
-        while step < total_steps:
-            order = torch.randperm(n_train, generator=shuffle_gen).to(x_train.device)
-            for start in range(0, n_train, recipe.batch_size):
-                if step >= total_steps:
-                    break
-                idx = order[start : start + recipe.batch_size]
-                if len(idx) < min_batch:
-                    continue
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(adapter(x_train[idx])), y_train[idx])
-                loss.backward()
-                opt.step()
-                step += 1
-                loss_value = float(loss.detach())
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-    return step, loss_value
 
 
 def _train_meta(cfg: TrainConfig, recipe: TrainRecipe, data: tuple[Dataset, Dataset],
