@@ -137,9 +137,9 @@ def test_default_init_is_torchvision_scheme():
         torch.manual_seed(0)
         model = mobilenet_v3_small()
     last = model.classifier[3]
-    assert float(last.bias.abs().max()) == 0.0
-    assert 0.008 < float(last.weight.std()) < 0.012  # N(0, 0.01)
+    assert float(last.bias.detach().abs().max()) == 0.0
+    assert 0.008 < float(last.weight.detach().std()) < 0.012  # N(0, 0.01)
     bn = model.features[0][1]
     assert torch.equal(bn.weight, torch.ones(16)) and (bn.eps, bn.momentum) == (0.001, 0.01)
     conv = model.features[12][0]  # He-normal, fan_out = 576: std sqrt(2/576)
-    assert abs(float(conv.weight.std()) - (2 / 576) ** 0.5) < 0.005
+    assert abs(float(conv.weight.detach().std()) - (2 / 576) ** 0.5) < 0.005
