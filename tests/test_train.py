@@ -159,7 +159,7 @@ def _assert_rejected_untouched(folder: Path, match: str, models_dir: Path, monke
     def no_training(*args, **kwargs):
         raise AssertionError("a corrupt checkpoint must not be retrained over")
 
-    monkeypatch.setattr(train, "train_model", no_training)
+    monkeypatch.setattr(train, "train_ref", no_training)
     with pytest.raises(HaschedError, match=match):
         load_or_train("mnist32-cnn", 0, models_dir)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -200,14 +200,14 @@ def test_half_missing_checkpoint_is_reported(stored, models_dir, monkeypatch):
 
 
 def test_load_or_train_trains_once_then_loads(data_dir, models_dir, monkeypatch):
-    real_train = train.train_model
+    real_train = train.train_ref
     calls = []
 
     def quick_train(*args, **kwargs):
         calls.append(kwargs)
         return real_train(*args, **{**kwargs, "max_steps": 1, "train_subset": 16})
 
-    monkeypatch.setattr(train, "train_model", quick_train)
+    monkeypatch.setattr(train, "train_ref", quick_train)
     messages: list[str] = []
     model, meta = load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append)
     assert len(calls) == 1 and len(messages) == 1

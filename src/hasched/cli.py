@@ -80,36 +80,52 @@ def list_cmd() -> None:
 
 @app.command()
 def train(
-    model: ModelOpt = "mnist32-cnn",
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Registered model name (default: mnist32-cnn).")] = None,
+    torchvision: Annotated[str | None, typer.Option(
+        help="A torchvision model (bundled equivalents here: resnet18, mobilenet_v3_small).")
+    ] = None,
+    module: Annotated[str | None, typer.Option(
+        help="PKG.MODULE:FUNCTION returning an nn.Module (must be importable).")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        help="mnist, mnist32 or fashion-mnist (default: the model's own).")] = None,
+    num_classes: Annotated[int | None, typer.Option(
+        help="Outputs of the model (default: the dataset's classes).")] = None,
     seed: SeedOpt = 1,
     epochs: Annotated[int | None, typer.Option(
         help="Override the recipe's (step-matched) epoch count.")] = None,
+    train_subset: Annotated[int | None, typer.Option(
+        help="Train on the first N training images only.")] = None,
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
     force: Annotated[bool, typer.Option(help="Retrain even if a checkpoint exists.")] = False,
 ) -> None:
     """Train a model with its recipe and store the checkpoint."""
+    from hasched.zoo.ref import ModelRef
     from hasched.zoo.train import (
         CheckpointNotFoundError,
         checkpoint_dir,
-        load_checkpoint,
+        load_stored,
         save_checkpoint,
-        train_model,
+        train_ref,
     )
 
+    ref = ModelRef.from_options(model, torchvision, module, None, num_classes, dataset,
+                                default_model="mnist32-cnn")
+    name = ref.store_name
     if not force:
         try:
-            _, meta = load_checkpoint(model, seed, models_dir)
-            typer.echo(f"{model} seed {seed}: checkpoint exists (test accuracy "
+            _, meta = load_stored(ref, seed, models_dir)
+            typer.echo(f"{name} seed {seed}: checkpoint exists (test accuracy "
                        f"{meta.get('test_accuracy', float('nan')):.4f}); use --force to retrain")
             return
         except CheckpointNotFoundError:
             pass
-    net, meta = train_model(model, seed, data_dir=data_dir, epochs=epochs)
+    net, meta = train_ref(ref, seed, data_dir=data_dir, epochs=epochs, train_subset=train_subset)
     save_checkpoint(net, meta, models_dir)
-    typer.echo(f"{model} seed {seed}: test accuracy {meta['test_accuracy']:.4f} "
+    typer.echo(f"{name} seed {seed}: test accuracy {meta['test_accuracy']:.4f} "
                f"({meta['epochs']} epochs, {meta.get('steps', '?')} steps) -> "
-               f"{checkpoint_dir(model, seed, models_dir)}")
+               f"{checkpoint_dir(name, seed, models_dir)}")
 
 
 @app.command()

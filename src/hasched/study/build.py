@@ -22,7 +22,7 @@ from hasched.errors import HaschedError
 from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
 from hasched.sim.layers import weight_layer_names
 from hasched.study.scenario import Scenario, parse_layer_groups
-from hasched.zoo.data import load_dataset
+from hasched.zoo.data import load_dataset, parse_image_range
 from hasched.zoo.models import create_model, get_model_spec
 from hasched.zoo.train import load_or_train
 
@@ -60,23 +60,6 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
-def parse_image_range(spec: str | int | None, n_total: int) -> slice:
-    """Which test images to use: ``None`` (all), ``N`` (the first N), ``"a:b"`` (a slice)."""
-    if spec is None or spec == "":
-        return slice(0, n_total)
-    text = str(spec).strip()
-    try:
-        if ":" in text:
-            lo, _, hi = text.partition(":")
-            start = int(lo) if lo.strip() else 0
-            stop = int(hi) if hi.strip() else n_total
-        else:
-            start, stop = 0, int(text)
-    except ValueError:
-        raise HaschedError(f"bad image range {spec!r}; use N, A:B, A: or :B") from None
-    if not (0 <= start < stop <= n_total):
-        raise HaschedError(f"image range {spec!r} is outside 0..{n_total} or empty")
-    return slice(start, stop)
 
 
 def load_images(
