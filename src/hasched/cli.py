@@ -35,6 +35,9 @@ ErrorOpt = Annotated[str, typer.Option("--error", "-e", help="Error model (see `
 FrMaxOpt = Annotated[float, typer.Option("--fr-max", help="Maximum per-PE fault rate.")]
 ProfileSeedOpt = Annotated[int, typer.Option("--profile-seed", help="Fault-profile seed.")]
 NSmsOpt = Annotated[int, typer.Option("--n-sms", help="Streaming multiprocessors.")]
+TrainOpt = Annotated[bool, typer.Option(
+    "--train", help="Train a missing checkpoint (~20-30 min on 2 cores) instead of stopping "
+    "with an error.")]
 
 
 def _log(msg: str) -> None:
@@ -79,6 +82,7 @@ def train(
     """Train a model with its recipe and store the checkpoint."""
     from hasched.zoo.train import (
         CheckpointNotFoundError,
+        check_store,
         checkpoint_dir,
         load_checkpoint,
         save_checkpoint,
@@ -93,6 +97,7 @@ def train(
             return
         except CheckpointNotFoundError:
             pass
+    check_store(model, seed, models_dir)  # a bad store fails now, not after the training
     net, meta = train_model(model, seed, data_dir=data_dir, epochs=epochs)
     save_checkpoint(net, meta, models_dir)
     typer.echo(f"{model} seed {seed}: test accuracy {meta['test_accuracy']:.4f} "
@@ -109,8 +114,13 @@ def profile(
     n_sms: NSmsOpt = 20,
 ) -> None:
     """Generate (or inspect) a fault profile: per-PE rates ~ Uniform(0, FR_max)."""
+    from hasched.io import atomic_write, check_out_file, make_dirs
     from hasched.sim.hardware import FaultProfile
 
+    if out is not None:  # checked before anything is computed
+        check_out_file(out, option="--out")
+        if out.suffix not in (".npy", ".json"):
+            raise HaschedError(f"--out: use a .npy or .json file name, got {out.name}")
     if show is not None:
         prof = FaultProfile.load(show)
     else:
@@ -120,9 +130,13 @@ def profile(
                f"{r.mean():.3g} max {r.max():.3g}; worst PE (sm, thread) = "
                f"{tuple(int(i) for i in divmod(int(r.argmax()), r.shape[1]))}")
     if out is not None:
-        if out.exists():
-            raise HaschedError(f"{out} exists; not overwriting it")
-        prof.save(out)
+        import numpy as np
+
+        # FaultProfile.save's formats, written through atomic_write (a full or read-only
+        # disk is one line, no temporary file is left).
+        make_dirs(out.parent)
+        atomic_write(out, (lambda fh: np.save(fh, r)) if out.suffix == ".npy"
+                     else json.dumps(prof.to_dict(), indent=1))
         typer.echo(f"wrote {out}")
 
 
@@ -147,6 +161,7 @@ def evaluate(
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    train: TrainOpt = False,
 ) -> None:
     """Accuracy of a model with some layers on the faulty accelerator."""
     from hasched.study.build import FaultScenario, build_evaluator, load_schedule
@@ -159,7 +174,7 @@ def evaluate(
     scn.error_model()  # fail on an unknown error before any loading or training
     scn.profile()
     ev = build_evaluator(model, seed, layers, scn, images, device=device,
-                         models_dir=models_dir, data_dir=data_dir, log=_log)
+                         models_dir=models_dir, data_dir=data_dir, log=_log, train=train)
     perms = None
     if schedule is not None:
         perms, _ = load_schedule(schedule, ev.rows)
@@ -195,6 +210,7 @@ def sensitivity(
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
     report: Annotated[bool, typer.Option(help="Write figures and report.md at the end.")] = True,
+    train: TrainOpt = False,
 ) -> None:
     """Fault-sensitivity campaign (paper 5.1): accuracy over a grid of faulty scenarios."""
     from hasched.study.campaign import CampaignConfig, run_campaign
@@ -206,7 +222,7 @@ def sensitivity(
     cfg = CampaignConfig.from_args(model, seeds, layers, errors, fr_max, profile_seeds,
                                    repeats, None if images == "all" else images, device)
     res = run_campaign(cfg, out, workers=workers, models_dir=models_dir, data_dir=data_dir,
-                       log=_log)
+                       log=_log, train=train)
     typer.echo(f"{res['computed']} cells computed, {res['done_before']} already done, "
                f"{res['cells']} in the grid; {res['rows']} rows in {out / 'results.csv'} "
                f"({res['seconds']:.0f} s)")
@@ -254,6 +270,7 @@ def search(
     n_sms: NSmsOpt = 20,
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
+    train: TrainOpt = False,
 ) -> None:
     """Search a fault-aware schedule (HAS) and evaluate it on held-out images."""
     from hasched.study.schedule_search import SearchSettings, run_has_search
@@ -264,7 +281,8 @@ def search(
                        search_images=search_images, holdout_images=holdout_images,
                        holdout_repeats=holdout_repeats, search_seed=search_seed,
                        n_sms=n_sms, device=device)
-    res = run_has_search(out, s, models_dir=models_dir, data_dir=data_dir, log=_log)
+    res = run_has_search(out, s, models_dir=models_dir, data_dir=data_dir, log=_log,
+                         train=train)
     r = res["results"]
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} "
                f"repeats): clean {r['clean']['mean']:.4f} | degraded (identity) "
@@ -281,11 +299,13 @@ def reproduce(
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
+    train: TrainOpt = False,
 ) -> None:
     """Run the paper's §5.2 recovery cases and write REPORT.md."""
     from hasched.study.reproduce import run_reproduce
 
-    run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log)
+    run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log,
+                  train=train)
     typer.echo(f"report: {Path(out) / 'REPORT.md'}")
 
 
@@ -300,13 +320,16 @@ def bench(
     markdown: Annotated[Path | None, typer.Option(help="Also write a markdown table.")] = None,
 ) -> None:
     """Time clean vs faulty inference, GA fitness and generations (ratios to clean)."""
-    from hasched.study.bench import BenchConfig, run_bench, to_markdown
+    from hasched.io import atomic_write, check_out_file, make_dirs
+    from hasched.study.bench import BenchConfig, is_bench_markdown, run_bench, to_markdown
 
+    if markdown is not None:  # checked before the (minutes of) timing, rewritten if ours
+        check_out_file(markdown, option="--markdown", ours=is_bench_markdown)
     cfg = BenchConfig(model=model, images=images, device=device, filter=filter, trials=trials)
     rows = run_bench(cfg, log=None if as_json else _log)
     if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(to_markdown(rows))
+        make_dirs(markdown.parent)
+        atomic_write(markdown, to_markdown(rows))
     typer.echo(json.dumps(rows, indent=1) if as_json else to_markdown(rows))
 
 
@@ -326,16 +349,33 @@ def demo(
     data_dir: DataDirOpt = None,
 ) -> None:
     """The main job in minutes: train mnist32-cnn, fault c0, search a HAS schedule."""
+    from hasched.io import claim_out_dir
+    from hasched.study.schedule_search import SearchSettings, check_demo_dir, prepare_search
+
+    s = SearchSettings(layers="c0", error="flip-to-1", fr_max=5e-3, profile_seed=1,
+                       generations=generations, runs=1, search_images=search_images,
+                       holdout_images=holdout_images, device=device)
+    if train_epochs < 1:
+        raise HaschedError(f"--train-epochs must be >= 1, got {train_epochs}")
+    check_demo_dir(out, s)
+    models_dir = models_dir or out / "models"
+    prepare_search(s, models_dir, data_dir, train=True)  # every check before any training
+    with claim_out_dir(out, {"hasched": "demo"}, lock=False):
+        _demo(out, s, train_epochs, models_dir, data_dir)
+
+
+def _demo(out: Path, s, train_epochs: int, models_dir: Path, data_dir: Path | None) -> None:
     from hasched.study.build import FaultScenario, build_evaluator
     from hasched.study.build import evaluate as run_eval
-    from hasched.study.schedule_search import SearchSettings, run_has_search
+    from hasched.study.schedule_search import run_has_search
     from hasched.zoo.train import load_or_train
 
-    models_dir = models_dir or out / "models"
+    device, generations = s.device, s.generations
+    search_images, holdout_images = s.search_images, s.holdout_images
     typer.echo(f"1/3 model: mnist32-cnn seed 1 (store {models_dir}; trained for "
                f"{train_epochs} epochs on first use, then cached)")
     _, meta = load_or_train("mnist32-cnn", 1, models_dir=models_dir, data_dir=data_dir,
-                            log=_log, epochs=train_epochs)
+                            log=_log, epochs=train_epochs, train=True)
     typer.echo(f"    test accuracy {meta['test_accuracy']:.4f} ({meta['epochs']} epochs)")
     scn = FaultScenario("flip-to-1", 5e-3, 1)
     ev = build_evaluator("mnist32-cnn", 1, ["c0"], scn, holdout_images, device=device,
@@ -346,9 +386,6 @@ def demo(
                f"+- {res['accuracy_std']:.4f}")
     typer.echo(f"3/3 HAS search: population 20, {generations} generations, fitness on "
                f"images {search_images}, held-out {holdout_images}")
-    s = SearchSettings(layers="c0", error="flip-to-1", fr_max=5e-3, profile_seed=1,
-                       generations=generations, runs=1, search_images=search_images,
-                       holdout_images=holdout_images, device=device)
     summ = run_has_search(out / "search", s, models_dir=models_dir, data_dir=data_dir, log=_log)
     r = summ["results"]
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} repeats):")
@@ -364,14 +401,17 @@ def demo(
 # New commands go above this line.
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit status 2, never a traceback.
 
     Typer's standalone mode handles ``--help``, usage errors (exit 2) and Ctrl-C (exit 1);
     what a command raises as :class:`HaschedError` is printed here as one line.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``); tests pass them to run in-process.
     """
     try:
-        app()
+        app(args=argv, prog_name="hasched")
     except HaschedError as err:
         typer.echo(f"hasched: error: {err}", err=True)
         sys.exit(err.exit_code)

@@ -12,11 +12,11 @@ Checkpoints live in ``<models_dir>/<model>/seed<seed>/`` as ``model.safetensors`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,23 +26,29 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm.auto import tqdm
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_out_dir, make_dirs, read_json, require
 from hasched.zoo.data import Dataset, load_dataset
 from hasched.zoo.models import create_model, get_model_spec, init_weights
 
 __all__ = [
     "CheckpointNotFoundError",
     "TrainConfig",
+    "check_store",
     "checkpoint_dir",
     "evaluate_accuracy",
     "load_checkpoint",
     "load_or_train",
+    "missing_checkpoint_message",
+    "require_checkpoint",
     "resolve_models_dir",
     "save_checkpoint",
+    "stored_seeds",
     "train_model",
 ]
 
@@ -242,17 +248,40 @@ def checkpoint_dir(model_name: str, seed: int, models_dir: str | Path | None = N
     return resolve_models_dir(models_dir) / model_name / f"seed{seed}"
 
 
-def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    # Write next to the destination then rename, so readers never see a half-written file
-    # and a crash leaves the previous version intact.
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
+def stored_seeds(model_name: str, models_dir: str | Path | None = None) -> list[int]:
+    """Seeds of ``model_name`` that have a checkpoint folder in the store."""
+    folder = resolve_models_dir(models_dir) / model_name
     try:
-        write(Path(tmp))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(int(n[4:]) for n in names
+                  if n.startswith("seed") and n[4:].isdigit() and (folder / n / _META).is_file())
+
+
+def check_store(model_name: str, seed: int, models_dir: str | Path | None = None) -> Path:
+    """The store policy, checked before a training run rather than after it.
+
+    The checkpoint folder must be new, empty or hold only checkpoint files; the store
+    itself may hold anything else.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        HaschedError: The store or the folder is (or lies under) a file, or the folder
+            holds files that are not a checkpoint's.
+    """
+    folder = checkpoint_dir(model_name, seed, models_dir)
+    check_out_dir(folder, what="checkpoint", option="--models-dir",
+                  compatible=lambda _cfg, path: _foreign_store_file(path),
+                  legacy=lambda names: set(names) <= {_WEIGHTS, _META})
+    return folder
+
+
+def _foreign_store_file(path: Path) -> None:
+    raise HaschedError(f"checkpoint folder {path.parent} holds {path.name}, which is not a "
+                       "checkpoint file; use another --models-dir")
 
 
 def save_checkpoint(
@@ -260,16 +289,54 @@ def save_checkpoint(
 ) -> Path:
     """Store ``model``'s weights and ``meta`` under ``meta["model"]`` / ``meta["seed"]``.
 
+    Each file is replaced atomically; if the second cannot be written, a first one that
+    had no predecessor is removed again, so no half checkpoint is left.
+
     Returns:
         The checkpoint folder.
+
+    Raises:
+        HaschedError: The folder is not a checkpoint folder, or a write failed (full or
+            read-only disk).
     """
-    folder = checkpoint_dir(meta["model"], int(meta["seed"]), models_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = check_store(meta["model"], int(meta["seed"]), models_dir)
+    make_dirs(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / _WEIGHTS, lambda p: save_file(state, str(p)))
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / _META, lambda p: p.write_text(text, encoding="utf-8"))
+    had_weights = (folder / _WEIGHTS).exists()
+    atomic_write(folder / _WEIGHTS, save_safetensors(state))
+    try:
+        atomic_write(folder / _META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    except HaschedError:
+        if not had_weights:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / _WEIGHTS)
+        raise
     return folder
+
+
+def _check_meta(meta: Any, meta_path: Path, model_name: str, seed: int, hint: str) -> None:
+    """Schema of ``meta.json``: an object for this model and seed, numbers where numbers go."""
+    try:
+        require(meta, "model", str, file=meta_path)
+        require(meta, "seed", int, file=meta_path)
+        require(meta, "test_accuracy", float, file=meta_path, default=None)
+        require(meta, "epochs", float, file=meta_path, default=None)
+    except HaschedError as err:
+        raise HaschedError(f"corrupt checkpoint metadata {err}{hint}") from None
+    if meta["model"] != model_name or meta["seed"] != seed:
+        raise HaschedError(
+            f"checkpoint metadata {meta_path} is not for {model_name} seed {seed}{hint}"
+        )
+
+
+def _check_finite(state: dict[str, torch.Tensor], weights: Path, hint: str) -> None:
+    """A header can be valid while the numbers are NaN: check every float tensor."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise HaschedError(f"checkpoint {weights} has {bad} non-finite (NaN or inf) "
+                                   f"values in {key}{hint}")
 
 
 def load_checkpoint(
@@ -298,13 +365,10 @@ def load_checkpoint(
             )
     hint = f"; delete {folder} to retrain"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HaschedError(f"corrupt checkpoint metadata {meta_path}: {exc}{hint}") from None
-    if not isinstance(meta, dict) or meta.get("model") != model_name or meta.get("seed") != seed:
-        raise HaschedError(
-            f"checkpoint metadata {meta_path} is not for {model_name} seed {seed}{hint}"
-        )
+        meta = read_json(meta_path, what="checkpoint metadata")
+    except HaschedError as exc:
+        raise HaschedError(f"corrupt {exc}{hint}") from None
+    _check_meta(meta, meta_path, model_name, seed, hint)
     try:
         state = load_file(str(weights))
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
@@ -323,9 +387,31 @@ def load_checkpoint(
                 f" {tuple(tensor.shape)} {tensor.dtype}, expected"
                 f" {tuple(expected[key].shape)} {expected[key].dtype}{hint}"
             )
+    _check_finite(state, weights, hint)
     model.load_state_dict(state)
     model.eval()
     return model, meta
+
+
+def missing_checkpoint_message(
+    model_name: str, seed: int, models_dir: str | Path | None = None
+) -> str:
+    """Says which checkpoint is missing, which seeds the store has and how to train it."""
+    store = resolve_models_dir(models_dir)
+    seeds = stored_seeds(model_name, models_dir)
+    have = (f"it has {model_name} seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}" if seeds else f"it has no {model_name} checkpoint")
+    return (f"no checkpoint for {model_name} seed {seed} in the store {store} ({have}); "
+            f"train it with `hasched train --model {model_name} --seed {seed} --models-dir "
+            f"{store}` (~20-30 min on 2 cores) or add --train")
+
+
+def require_checkpoint(model_name: str, seed: int, models_dir: str | Path | None = None) -> None:
+    """Raises :class:`CheckpointNotFoundError` (with the seeds stored) when it is missing."""
+    create_model(model_name)  # an unknown model name is its own error
+    folder = checkpoint_dir(model_name, seed, models_dir)
+    if not (folder / _WEIGHTS).exists() and not (folder / _META).exists():
+        raise CheckpointNotFoundError(missing_checkpoint_message(model_name, seed, models_dir))
 
 
 def load_or_train(
@@ -337,9 +423,12 @@ def load_or_train(
     log: Callable[[str], None] | None = None,
     *,
     epochs: int | None = None,
+    train: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the stored checkpoint, or train and store it on first use.
+    """Load the stored checkpoint; train and store it only when ``train`` is set.
 
+    Training takes minutes (the full recipe ~20-30 min on 2 cores), so a missing
+    checkpoint (e.g. a mistyped seed) is an error unless the caller asked for training.
     A corrupt checkpoint is reported, never silently overwritten. ``epochs`` only applies
     when training; an existing checkpoint is returned whatever its epoch count.
 
@@ -349,17 +438,24 @@ def load_or_train(
         models_dir: Checkpoint root, see :func:`resolve_models_dir`.
         data_dir: Dataset location for training.
         progress: Show a progress bar while training.
-        log: Called with a one-line message when training is needed.
+        log: Called with a one-line message when training starts.
         epochs: Epoch override for training (see :func:`train_model`).
+        train: Train a missing checkpoint instead of raising.
 
     Returns:
         ``(model, meta)`` with the model in eval mode.
+
+    Raises:
+        CheckpointNotFoundError: Missing and ``train`` is False; the message names the
+            store, the seeds it has and the command that trains the missing one.
     """
     try:
         return load_checkpoint(model_name, seed, models_dir)
     except CheckpointNotFoundError:
-        pass
-    folder = checkpoint_dir(model_name, seed, models_dir)
+        if not train:
+            raise CheckpointNotFoundError(
+                missing_checkpoint_message(model_name, seed, models_dir)) from None
+    folder = check_store(model_name, seed, models_dir)  # before, not after, the training
     if log is not None:
         log(f"no checkpoint for {model_name} seed {seed}: training it now (stored in {folder})")
     model, meta = train_model(model_name, seed, data_dir=data_dir, epochs=epochs, progress=progress)
