@@ -80,6 +80,7 @@ def train(
     force: Annotated[bool, typer.Option(help="Retrain even if a checkpoint exists.")] = False,
 ) -> None:
     """Train a model with its recipe and store the checkpoint."""
+    from hasched.io import make_dirs
     from hasched.zoo.train import (
         CheckpointNotFoundError,
         check_store,
@@ -97,7 +98,9 @@ def train(
             return
         except CheckpointNotFoundError:
             pass
-    check_store(model, seed, models_dir)  # a bad store fails now, not after the training
+    if epochs is not None and epochs < 1:
+        raise HaschedError(f"--epochs must be >= 1, got {epochs}")
+    make_dirs(check_store(model, seed, models_dir))  # a bad store fails now, not after training
     net, meta = train_model(model, seed, data_dir=data_dir, epochs=epochs)
     save_checkpoint(net, meta, models_dir)
     typer.echo(f"{model} seed {seed}: test accuracy {meta['test_accuracy']:.4f} "
@@ -164,11 +167,13 @@ def evaluate(
     train: TrainOpt = False,
 ) -> None:
     """Accuracy of a model with some layers on the faulty accelerator."""
-    from hasched.study.build import FaultScenario, build_evaluator, load_schedule
+    from hasched.study.build import FaultScenario, build_evaluator, load_schedule, read_schedule
     from hasched.study.build import evaluate as run_eval
 
     if repeats < 1:
         raise HaschedError("--repeats must be >= 1")
+    if schedule is not None:
+        read_schedule(schedule)  # a malformed file fails before the model is loaded
     scn = FaultScenario(error=error, fr_max=fr_max, profile_seed=profile_seed,
                         profile_path=str(profile) if profile else None, accel=_accel(n_sms))
     scn.error_model()  # fail on an unknown error before any loading or training

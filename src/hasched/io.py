@@ -99,13 +99,27 @@ def atomic_write(path: str | Path, data: Payload) -> Path:
     """
     path = Path(path)
     payload = _payload_bytes(data)
-    # A unique name beside the destination (same file system, so the rename is atomic);
-    # os.open with 0o666 lets the umask decide the mode, as for any ordinary file.
+    # A unique name beside the destination (same file system, so the rename is atomic).
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    created = False
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-        created = True
+        _write_new(tmp, payload)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as err:
+        raise os_error(path, err) from None
+    return path
+
+
+def _write_new(path: Path, payload: bytes) -> None:
+    """Creates ``path`` (which must not exist) with ``payload``, fsynced; on failure removes
+    it again and re-raises the ``OSError``."""
+    # 0o666: the umask decides the mode, as for any file the user's tools create.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
         try:
             view = memoryview(payload)
             while view:
@@ -113,15 +127,10 @@ def atomic_write(path: str | Path, data: Payload) -> Path:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-        created = False
-    except OSError as err:
-        raise os_error(path, err) from None
-    finally:
-        if created:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return path
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def _first_existing(path: Path) -> Path | None:
@@ -132,12 +141,14 @@ def _first_existing(path: Path) -> Path | None:
     return None
 
 
-def _check_not_under_file(path: Path, option: str) -> None:
-    """Refuses ``path`` when it, or an ancestor, exists but is not a folder."""
+def _check_not_under_file(path: Path, option: str, *, file_ok: bool = False) -> None:
+    """Refuses ``path`` when an ancestor (or, unless ``file_ok``, itself) is not a folder."""
     found = _first_existing(path)
     if found is None or found.is_dir():
         return
     if found == path:
+        if file_ok:
+            return
         raise HaschedError(f"{option} {path} is a file, not a folder; use another {option}")
     raise HaschedError(f"{option} {path} lies under {found}, which is a file, not a folder; "
                        f"use another {option}")
@@ -301,17 +312,19 @@ def _acquire_lock(out: Path, log: Callable[[str], None] | None) -> str:
     for _ in range(3):
         # Written whole under a temporary name, then linked: the lock never exists empty,
         # and link() fails if another writer's lock is there.
-        tmp = atomic_write(out / f".hasched.lock.{secrets.token_hex(4)}", token)
+        tmp = out / f"{LOCK_NAME}.{secrets.token_hex(4)}"
         try:
-            os.link(tmp, lock)
-            return token
-        except FileExistsError:
-            pass
+            _write_new(tmp, token.encode())
+            try:
+                os.link(tmp, lock)
+                return token
+            except FileExistsError:
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
         except OSError as err:
             raise os_error(lock, err, "create the lock file") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         holder = _lock_holder(lock)
         if holder is not None and (holder[1] not in ("", host) or _alive(holder[0])):
             where = f" on {holder[1]}" if holder[1] else ""
@@ -352,7 +365,7 @@ def check_out_file(
         HaschedError: ``path`` is a folder, lies under a file, or exists and is not ours.
     """
     path = Path(path)
-    _check_not_under_file(path.parent, option)
+    _check_not_under_file(path, option, file_ok=True)
     if not os.path.lexists(path):
         return path
     if path.is_dir():

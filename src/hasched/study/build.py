@@ -39,6 +39,7 @@ __all__ = [
     "check_layers",
     "evaluate",
     "save_schedule",
+    "read_schedule",
     "load_schedule",
 ]
 
@@ -255,15 +256,15 @@ def save_schedule(path: str | Path, perms: dict[str, torch.Tensor], **meta) -> P
     return atomic_write(path, json.dumps(obj, indent=1))
 
 
-def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Reads a schedule file and checks it against the faulty layers' row counts.
+def read_schedule(path: str | Path) -> tuple[dict[str, list[int]], dict]:
+    """Reads a schedule file and checks its schema (no model needed, so it can run first).
 
     The file is ``{"permutations": {layer: [row, ...]}, ...metadata}``; every entry must be
     a JSON integer (``0.9``, ``true`` and ``"1"`` are refused, never coerced) and at least
-    one layer must be scheduled.
+    one layer must be scheduled. A folder stands for its ``schedule.json``.
 
     Returns:
-        ``({layer: LongTensor[1, rows]}, the file's metadata)``.
+        ``({layer: [row per slot]}, the file's metadata)``.
     """
     path = Path(path)
     if path.is_dir():
@@ -272,13 +273,26 @@ def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, tor
     obj = read_json(path, what="schedule file")
     perms = require(obj, "permutations", dict, file=name)
     if not perms:
-        raise HaschedError(f"{name}: 'permutations' is empty; it must map at least one of "
-                           f"the faulty layers {sorted(rows)} to a permutation")
-    out = {}
+        raise HaschedError(f"{name}: 'permutations' is empty; it must map at least one "
+                           "faulty layer to a permutation")
     for layer, perm in perms.items():
         check_type(perm, list, file=name, name=f"permutations.{layer}")
         for i, v in enumerate(perm):
             check_type(v, int, file=name, name=f"permutations.{layer}[{i}]")
+    return perms, {k: v for k, v in obj.items() if k != "permutations"}
+
+
+def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a schedule file (:func:`read_schedule`) and checks it against the faulty
+    layers' row counts.
+
+    Returns:
+        ``({layer: LongTensor[1, rows]}, the file's metadata)``.
+    """
+    perms, meta = read_schedule(path)
+    name = f"schedule {Path(path) / 'schedule.json' if Path(path).is_dir() else path}"
+    out = {}
+    for layer, perm in perms.items():
         if layer not in rows:
             raise HaschedError(f"{name} names layer {layer!r}, which is not among the "
                                f"faulty layers {sorted(rows)}")
@@ -287,5 +301,4 @@ def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, tor
             raise HaschedError(f"{name}: layer {layer} needs a permutation of 0..{n - 1} "
                                f"(each row once), got {len(perm)} entries")
         out[layer] = torch.tensor(perm, dtype=torch.long)[None]
-    meta = {k: v for k, v in obj.items() if k != "permutations"}
     return out, meta

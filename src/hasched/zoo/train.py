@@ -280,8 +280,8 @@ def check_store(model_name: str, seed: int, models_dir: str | Path | None = None
 
 
 def _foreign_store_file(path: Path) -> None:
-    raise HaschedError(f"checkpoint folder {path.parent} holds {path.name}, which is not a "
-                       "checkpoint file; use another --models-dir")
+    raise HaschedError(f"{path} is not a checkpoint file, so {path.parent} is not a "
+                       "checkpoint folder; use another --models-dir")
 
 
 def save_checkpoint(
@@ -332,7 +332,9 @@ def _check_meta(meta: Any, meta_path: Path, model_name: str, seed: int, hint: st
 def _check_finite(state: dict[str, torch.Tensor], weights: Path, hint: str) -> None:
     """A header can be valid while the numbers are NaN: check every float tensor."""
     for key, tensor in state.items():
-        if tensor.is_floating_point():
+        # NaN and inf propagate into the sum, so one cheap reduction clears a tensor; only
+        # a suspect one (or one whose finite values overflow the sum) is counted exactly.
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
             bad = int((~torch.isfinite(tensor)).sum())
             if bad:
                 raise HaschedError(f"checkpoint {weights} has {bad} non-finite (NaN or inf) "
@@ -407,11 +409,17 @@ def missing_checkpoint_message(
 
 
 def require_checkpoint(model_name: str, seed: int, models_dir: str | Path | None = None) -> None:
-    """Raises :class:`CheckpointNotFoundError` (with the seeds stored) when it is missing."""
-    create_model(model_name)  # an unknown model name is its own error
-    folder = checkpoint_dir(model_name, seed, models_dir)
-    if not (folder / _WEIGHTS).exists() and not (folder / _META).exists():
-        raise CheckpointNotFoundError(missing_checkpoint_message(model_name, seed, models_dir))
+    """Loads the checkpoint once to check it (missing, corrupt, NaN) before any output exists.
+
+    Raises:
+        CheckpointNotFoundError: Missing (the message names the seeds stored).
+        HaschedError: Present but unusable.
+    """
+    try:
+        load_checkpoint(model_name, seed, models_dir)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            missing_checkpoint_message(model_name, seed, models_dir)) from None
 
 
 def load_or_train(
@@ -456,6 +464,7 @@ def load_or_train(
             raise CheckpointNotFoundError(
                 missing_checkpoint_message(model_name, seed, models_dir)) from None
     folder = check_store(model_name, seed, models_dir)  # before, not after, the training
+    make_dirs(folder)  # a read-only store fails now, too
     if log is not None:
         log(f"no checkpoint for {model_name} seed {seed}: training it now (stored in {folder})")
     model, meta = train_model(model_name, seed, data_dir=data_dir, epochs=epochs, progress=progress)

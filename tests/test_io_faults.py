@@ -1,0 +1,621 @@
+"""Nothing lost, no traceback (issue 13): every command against bad folders, bad files,
+full and read-only disks, damaged checkpoints and a second writer.
+
+Every case runs the real CLI in-process (``hasched.cli.main`` inside Typer's CliRunner
+isolation, so ``HaschedError`` goes through the same one-line printer as in a shell) and
+checks, with :func:`refused`: exit status 2, exactly one ``hasched: error:`` line and it is
+the last line on stderr, no traceback, every file that existed before byte-identical, and
+no new file (partial, temporary or lock) left behind. Tiny synthetic data and a 2-step
+checkpoint keep the module fast; read-only and full disks are simulated by monkeypatching
+the ``os`` calls (the tests may run as root, where chmod protects nothing).
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from hasched.cli import main
+from hasched.io import LOCK_NAME
+from hasched.zoo import data
+from hasched.zoo.data import load_dataset
+from hasched.zoo.models import create_model, get_model_spec, init_weights
+from hasched.zoo.train import evaluate_accuracy, save_checkpoint
+from idx_files import FILES, write_idx
+
+
+@dataclass(frozen=True)
+class World:
+    data: Path
+    models: Path
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    """Synthetic MNIST (256 train, 128 test images) and a 2-step mnist32-cnn seed 1."""
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 256), ("test", 128)):
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for i, lab in enumerate(labels):
+            images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
+        (root / "data" / "mnist").mkdir(parents=True, exist_ok=True)
+        write_idx(root / "data" / "mnist" / FILES[split][0], images)
+        write_idx(root / "data" / "mnist" / FILES[split][1], labels)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no dl")))
+    # An untrained checkpoint: these tests are about files, not accuracy, and skipping the
+    # training keeps the module fast. Its metadata is what train_model would record.
+    model = create_model("mnist32-cnn")
+    init_weights(model, get_model_spec("mnist32-cnn").recipe.init,
+                 torch.Generator().manual_seed(1))
+    test = load_dataset(get_model_spec("mnist32-cnn").dataset, "test", root / "data",
+                        download=False)
+    meta = {"model": "mnist32-cnn", "seed": 1, "epochs": 0, "steps": 0,
+            "test_accuracy": evaluate_accuracy(model, test), "test_images": len(test),
+            "dataset_fingerprint": {"test": test.fingerprint}}
+    save_checkpoint(model, meta, root / "models")
+    yield World(root / "data", root / "models")
+    mp.undo()
+
+
+@pytest.fixture
+def run(world):
+    """Runs ``hasched ARGS`` in-process with the synthetic data and store as defaults."""
+    env = {"HASCHED_DATA_DIR": str(world.data), "HASCHED_MODELS_DIR": str(world.models),
+           "HASCHED_OFFLINE": "1"}
+
+    def invoke(*args) -> Result:
+        with CliRunner().isolation(env=env) as (out, err, _):
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            return Result(code, out.getvalue().decode(), err.getvalue().decode())
+
+    return invoke
+
+
+def snapshot(*roots: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for r in roots if r.exists() for p in r.rglob("*") if p.is_file()}
+
+
+def refused(res: Result, before: dict[Path, bytes], *needles: str, roots: tuple = ()) -> str:
+    """The checks of every fault case; returns the error line."""
+    assert res.code == 2, (res.code, res.err[-2000:])
+    assert "Traceback" not in res.out + res.err
+    lines = [ln for ln in res.err.splitlines() if ln.startswith("hasched: error:")]
+    assert len(lines) == 1 and res.err.rstrip().endswith(lines[0]), res.err[-2000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    after = snapshot(*roots)
+    for path, content in before.items():
+        assert path.is_file() and path.read_bytes() == content, f"{path} changed"
+    assert set(after) <= set(before), f"left behind: {sorted(set(after) - set(before))}"
+    return lines[0]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def finished_campaign(tmp: Path) -> Path:
+    """A campaign folder filled by a stand-in engine (no model, no data)."""
+    from hasched.study.campaign import CampaignConfig, run_campaign
+
+    cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="c0,op", errors="bitflip",
+                                   fr_max="1e-3,5e-3", profile_seeds="1", repeats=2, images=64)
+    run_campaign(cfg, tmp / "camp", progress=False, evaluate_fn=lambda c, cell: {
+        "clean_accuracy": 0.9, "accuracies": [0.9 - cell.fr_max * 10] * 2, "images": 64})
+    return tmp / "camp"
+
+
+# The commands, each with the option that names its output (the world fills in the rest).
+def search_args(w: World, out, *extra):
+    return ["search", "--out", out, "--models-dir", w.models, "--data-dir", w.data,
+            "--population", "2", "--generations", "1", "--runs", "1", "--repeats", "1",
+            "--search-images", "96:", "--holdout-images", ":32", "--holdout-repeats", "2", *extra]
+
+
+def sens_args(w: World, out, *extra):
+    return ["sensitivity", "--out", out, "--models-dir", w.models, "--data-dir", w.data,
+            "--seeds", "1", "--layers", "op", "--errors", "bitflip", "--fr-max", "5e-3",
+            "--profile-seeds", "1", "--repeats", "1", "--images", "32", "--no-report", *extra]
+
+
+def repro_args(w: World, out, *extra):
+    return ["reproduce", "--quick", "--out", out, "--models-dir", w.models, "--data-dir", w.data,
+            *extra]
+
+
+def demo_args(w: World, out, *extra):
+    return ["demo", "--out", out, "--data-dir", w.data, "--search-images", "96:",
+            "--holdout-images", ":32", "--generations", "0", "--train-epochs", "1", *extra]
+
+
+def report_args(w: World, out, *extra):
+    base = next(p for p in Path(out).parents if p.is_dir())  # never inside a test's trap
+    return ["report", finished_campaign(base), "--out", out, *extra]
+
+
+def train_args(w: World, store, *extra):
+    return ["train", "--models-dir", store, "--data-dir", w.data, "--epochs", "1", *extra]
+
+
+def bench_args(w: World, md, *extra):
+    return ["bench", "--markdown", md, "--images", "96:", "--trials", "1", "--filter", "none",
+            *extra]
+
+
+def profile_args(w: World, path, *extra):
+    return ["profile", "--out", path, *extra]
+
+
+FOLDER_COMMANDS = {"search": search_args, "sensitivity": sens_args, "reproduce": repro_args,
+                   "demo": demo_args, "report": report_args, "train": train_args}
+ALL_COMMANDS = {**FOLDER_COMMANDS, "bench": bench_args, "profile": profile_args}
+
+
+def folder_of(name: str, out: Path) -> Path:
+    """Where a command keeps its files: ``out``, or the checkpoint folder in a store."""
+    return out / "mnist32-cnn" / "seed1" if name == "train" else out
+
+
+# ---------------------------------------------------------------- output paths
+
+
+@pytest.mark.parametrize("name", ALL_COMMANDS)
+def test_out_is_a_file(name, world, run, tmp_path):
+    out = tmp_path / ("x.npy" if name == "profile" else "out")
+    out.write_text("thesis chapter 3\n")
+    args = ALL_COMMANDS[name](world, out)
+    before = snapshot(tmp_path)
+    line = refused(run(*args), before, str(out), roots=(tmp_path,))
+    assert "is a file" in line or "exists" in line
+
+
+@pytest.mark.parametrize("name", ALL_COMMANDS)
+def test_out_lies_under_a_file(name, world, run, tmp_path):
+    (tmp_path / "afile").write_text("not a folder\n")
+    out = tmp_path / "afile" / ("p.npy" if name == "profile" else "sub")
+    args = ALL_COMMANDS[name](world, out)
+    before = snapshot(tmp_path)
+    refused(run(*args), before, "lies under", str(tmp_path / "afile"), roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("name", ["bench", "profile"])
+def test_out_file_is_a_folder(name, world, run, tmp_path):
+    (tmp_path / "x.npy").mkdir()
+    (tmp_path / "x.npy" / "keep.txt").write_text("mine\n")
+    before = snapshot(tmp_path)
+    refused(run(*ALL_COMMANDS[name](world, tmp_path / "x.npy")), before, "is a folder",
+            roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("name", FOLDER_COMMANDS)
+def test_foreign_non_empty_folder(name, world, run, tmp_path):
+    out = tmp_path / "out"
+    args = FOLDER_COMMANDS[name](world, out)
+    target = folder_of(name, out)
+    target.mkdir(parents=True)
+    (target / "summary.json").write_text('{"my": "results"}\n')
+    (target / "thesis.txt").write_text("years of work\n")
+    before = snapshot(tmp_path)
+    refused(run(*args), before, "is not empty", "thesis.txt", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("config", ["{oops", "[1, 2, 3]", '{"title": "my thesis"}'],
+                         ids=["garbage", "list", "foreign"])
+@pytest.mark.parametrize("name", FOLDER_COMMANDS)
+def test_foreign_config_json(name, config, world, run, tmp_path):
+    out = tmp_path / "out"
+    args = FOLDER_COMMANDS[name](world, out)
+    target = folder_of(name, out)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(config)
+    before = snapshot(tmp_path)
+    refused(run(*args), before, str(target / "config.json"), roots=(tmp_path,))
+
+
+def test_search_never_overwrites_a_users_summary(world, run, tmp_path):
+    """The case of the issue: a user's folder holding summary.json and thesis.txt."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.json").write_text('{"results": "mine"}')
+    (out / "thesis.txt").write_text("chapter 1")
+    before = snapshot(tmp_path)
+    refused(run(*search_args(world, out)), before, "not a hasched search folder",
+            roots=(tmp_path,))
+
+
+def test_another_commands_folder_is_refused(world, run, tmp_path):
+    from hasched.study.schedule_search import SearchSettings
+
+    out = tmp_path / "s"  # an unfinished search: its config only
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(SearchSettings().key()))
+    before = snapshot(tmp_path)
+    refused(run(*sens_args(world, out)), before, "not a sensitivity campaign's config",
+            roots=(tmp_path,))
+    refused(run(*repro_args(world, out)), before, "not a hasched reproduce config",
+            roots=(tmp_path,))
+
+
+# ---------------------------------------------------------------- read-only and full disks
+
+
+def _under(path, root: Path) -> bool:
+    try:
+        return Path(os.path.abspath(os.fsdecode(path))).is_relative_to(root)
+    except TypeError:  # a file descriptor
+        return False
+
+
+def _fail(code: int, path=None):
+    raise OSError(code, os.strerror(code), os.fsdecode(path) if path is not None else None)
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Makes a folder tree behave like a read-only mount: reads work, any change is EROFS."""
+    def apply(root: Path) -> None:
+        real_open, real_os_open = builtins.open, os.open
+        writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+        def os_open(path, flags, *a, **k):
+            if flags & writes and _under(path, root):
+                _fail(errno.EROFS, path)
+            return real_os_open(path, flags, *a, **k)
+
+        def py_open(file, mode="r", *a, **k):
+            if any(c in mode for c in "wax+") and _under(file, root):
+                _fail(errno.EROFS, file)
+            return real_open(file, mode, *a, **k)
+
+        monkeypatch.setattr(os, "open", os_open)
+        monkeypatch.setattr(builtins, "open", py_open)
+        monkeypatch.setattr(io, "open", py_open)
+        for fn in ("mkdir", "rmdir", "unlink", "remove"):
+            real = getattr(os, fn)
+            monkeypatch.setattr(os, fn, lambda p, *a, _r=real, **k: _fail(errno.EROFS, p)
+                                if _under(p, root) else _r(p, *a, **k))
+        for fn in ("replace", "rename", "link"):
+            real = getattr(os, fn)
+            monkeypatch.setattr(os, fn, lambda s, d, *a, _r=real, **k: _fail(errno.EROFS, d)
+                                if _under(d, root) else _r(s, d, *a, **k))
+    return apply
+
+
+@pytest.fixture
+def disk_full(monkeypatch):
+    """Every write to a regular file (whose path contains ``where``) fails with ENOSPC."""
+    def apply(where: str = "") -> None:
+        real = os.write
+
+        def write(fd, payload):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if stat.S_ISREG(os.fstat(fd).st_mode) and where in target:
+                _fail(errno.ENOSPC)
+            return real(fd, payload)
+
+        monkeypatch.setattr(os, "write", write)
+    return apply
+
+
+@pytest.mark.parametrize("name", ALL_COMMANDS)
+def test_read_only_file_system(name, world, run, tmp_path, read_only):
+    out = tmp_path / ("p.npy" if name == "profile" else "out.md" if name == "bench" else "out")
+    args = ALL_COMMANDS[name](world, out)
+    before = snapshot(tmp_path)
+    read_only(tmp_path)
+    refused(run(*args), before, "read-only", roots=(tmp_path,))
+
+
+def test_read_only_resume_keeps_the_finished_campaign(world, run, tmp_path, read_only):
+    from hasched.study.campaign import CampaignConfig, run_campaign
+
+    out = tmp_path / "sens"  # the grid of sens_args, finished by a stand-in engine
+    cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="op", errors="bitflip",
+                                   fr_max="5e-3", profile_seeds="1", repeats=1, images="32")
+    run_campaign(cfg, out, progress=False, evaluate_fn=lambda c, cell: {
+        "clean_accuracy": 0.5, "accuracies": [0.4], "images": 32})
+    before = snapshot(tmp_path)
+    read_only(tmp_path)
+    refused(run(*sens_args(world, out)), before, "read-only", LOCK_NAME, roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("name", ["sensitivity", "search", "report", "profile", "bench",
+                                  "train", "demo"])
+def test_disk_full(name, world, run, tmp_path, disk_full):
+    out = tmp_path / ("p.json" if name == "profile" else "out.md" if name == "bench" else "out")
+    args = ALL_COMMANDS[name](world, out)
+    before = snapshot(tmp_path)
+    disk_full()
+    refused(run(*args), before, "no space left", roots=(tmp_path,))
+
+
+def test_disk_full_mid_campaign_then_resume(world, run, tmp_path, disk_full, monkeypatch):
+    out = tmp_path / "sens"
+    disk_full(where="/parts/")  # the config is written, the first finished cell is not
+    refused(run(*sens_args(world, out, "--profile-seeds", "1,2")), {}, "no space left",
+            "parts", roots=())
+    assert sorted(p.name for p in out.rglob("*")) == ["config.json", "parts"]
+    monkeypatch.undo()
+    res = run(*sens_args(world, out, "--profile-seeds", "1,2"))
+    assert res.code == 0 and "2 cells computed" in res.out
+
+
+def test_report_disk_full_keeps_the_old_report(world, run, tmp_path, disk_full):
+    camp = finished_campaign(tmp_path)
+    assert run("report", camp).code == 0
+    before = snapshot(tmp_path)
+    disk_full(where="report.md")
+    refused(run("report", camp), before, "no space left", "report.md", roots=(tmp_path,))
+
+
+# ---------------------------------------------------------------- schedule files
+
+
+def _perm(n: int = 32) -> list[int]:
+    return list(range(n))
+
+
+SCHEDULES = {
+    "float": ({"permutations": {"c0": [0.9] + _perm()[1:]}}, "permutations.c0[0] must be an "
+              "integer, got 0.9"),
+    "float-integral": ({"permutations": {"c0": [0.0] + _perm()[1:]}}, "got 0.0"),
+    "bool": ({"permutations": {"c0": [True] + _perm()[1:]}}, "got true"),
+    "string": ({"permutations": {"c0": ["1"] + _perm()[1:]}}, 'must be an integer, got "1"'),
+    "empty": ({"permutations": {}}, "'permutations' is empty"),
+    "perms-list": ({"permutations": [_perm()]}, "permutations must be an object"),
+    "top-list": (_perm(), "the top level must be an object, got a JSON list"),
+    "no-perms": ({"perm": {"c0": _perm()}}, "missing field 'permutations'"),
+    "not-a-list": ({"permutations": {"c0": 5}}, "permutations.c0 must be a list, got 5"),
+    "duplicate": ({"permutations": {"c0": _perm(31) + [0]}}, "needs a permutation of 0..31"),
+    "short": ({"permutations": {"c0": _perm(10)}}, "needs a permutation of 0..31"),
+    "unknown-layer": ({"permutations": {"h7": _perm()}}, "names layer 'h7'"),
+}
+
+
+@pytest.mark.parametrize("case", SCHEDULES)
+def test_bad_schedule(case, world, run, tmp_path):
+    obj, needle = SCHEDULES[case]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(obj))
+    before = snapshot(tmp_path, world.models)
+    refused(run("evaluate", "--images", "32", "--repeats", "1", "--schedule", path), before,
+            str(path), needle, roots=(tmp_path, world.models))
+
+
+def test_schedule_not_json_or_missing(world, run, tmp_path):
+    (tmp_path / "s.json").write_text('{"permutations": ')
+    before = snapshot(tmp_path)
+    refused(run("evaluate", "--images", "32", "--schedule", tmp_path / "s.json"), before,
+            "not valid JSON (line 1", roots=(tmp_path,))
+    refused(run("evaluate", "--images", "32", "--schedule", tmp_path), before,
+            "schedule file not found", roots=(tmp_path,))
+
+
+def test_good_schedule_is_accepted(world, run, tmp_path):
+    """The control of the cases above: a real permutation runs."""
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0)).tolist()
+    (tmp_path / "s.json").write_text(json.dumps({"permutations": {"c0": perm}}))
+    res = run("evaluate", "--images", "32", "--repeats", "1", "--schedule", tmp_path / "s.json")
+    assert res.code == 0 and "(with schedule)" in res.out
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+def _store_copy(world: World, tmp: Path, key: str | None = None, value=None) -> Path:
+    store = tmp / "store"
+    shutil.copytree(world.models, store)
+    if key is not None:
+        path = store / "mnist32-cnn" / "seed1" / "model.safetensors"
+        state = load_file(str(path))
+        state[key].view(-1)[0] = value
+        save_file(state, str(path))
+    return store
+
+
+@pytest.mark.parametrize("key,value", [("c0.weight", float("nan")), ("op.bias", float("inf"))])
+def test_non_finite_weights(key, value, world, run, tmp_path):
+    store = _store_copy(world, tmp_path, key, value)
+    before = snapshot(tmp_path)
+    refused(run("evaluate", "--images", "32", "--models-dir", store), before,
+            "non-finite", key, "model.safetensors", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("name", ["search", "sensitivity"])
+def test_non_finite_weights_refused_before_any_output(name, world, run, tmp_path):
+    store = _store_copy(world, tmp_path, "c0.weight", float("nan"))
+    args = FOLDER_COMMANDS[name](world, tmp_path / "out")
+    args[args.index("--models-dir") + 1] = store
+    before = snapshot(tmp_path)
+    refused(run(*args), before, "non-finite", roots=(tmp_path,))
+    assert not (tmp_path / "out").exists()
+
+
+def test_recorded_accuracy_mismatch_warns(world, run, tmp_path):
+    store = _store_copy(world, tmp_path)
+    meta_path = store / "mnist32-cnn" / "seed1" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["test_accuracy"] = 0.95 if meta["test_accuracy"] < 0.7 else 0.05
+    meta_path.write_text(json.dumps(meta))
+    full = run("evaluate", "--models-dir", store, "--repeats", "1")  # all 128 test images
+    assert full.code == 0
+    warnings = [ln for ln in full.err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint records" in warnings[0], full.err
+    part = run("evaluate", "--models-dir", store, "--repeats", "1", "--images", "32")
+    assert part.code == 0 and "warning:" not in part.err  # a subset is not comparable
+
+
+def test_checkpoint_metadata_with_wrong_types(world, run, tmp_path):
+    store = _store_copy(world, tmp_path)
+    meta_path = store / "mnist32-cnn" / "seed1" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "seed": "1"}))
+    before = snapshot(tmp_path)
+    refused(run("evaluate", "--images", "32", "--models-dir", store), before, str(meta_path),
+            'seed must be an integer, got "1"', roots=(tmp_path,))
+
+
+# ---------------------------------------------------------------- missing checkpoints
+
+
+@pytest.mark.parametrize("name", ["evaluate", "search", "sensitivity", "reproduce"])
+def test_missing_checkpoint_asks_for_train(name, world, run, tmp_path):
+    if name == "evaluate":
+        args = ["evaluate", "--images", "32", "--seed", "7"]
+    elif name == "search":
+        args = search_args(world, tmp_path / "out", "--seed", "7")
+    elif name == "sensitivity":
+        args = sens_args(world, tmp_path / "out", "--seeds", "1,7")
+    else:
+        args = repro_args(world, tmp_path / "out")
+        args[args.index("--models-dir") + 1] = tmp_path / "empty-store"
+    before = snapshot(tmp_path, world.models)
+    line = refused(run(*args), before, "--train", "hasched train --model mnist32-cnn --seed",
+                   roots=(tmp_path, world.models))
+    if name == "reproduce":
+        assert "it has no mnist32-cnn checkpoint" in line
+    else:
+        assert "seed 7" in line and "it has mnist32-cnn seed 1" in line
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- everything checked first
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--images", "5:3"], "--images must be N, A:B"),
+    (["--images", "100:200"], "image range"),
+    (["--layers", "h7"], "unknown layer"),
+    (["--workers", "0"], "--workers"),
+])
+def test_sensitivity_validates_before_creating(extra, needle, world, run, tmp_path):
+    out = tmp_path / "sens"
+    refused(run(*sens_args(world, out, *extra)), {}, needle, roots=(tmp_path,))
+    assert not out.exists()
+
+
+def test_sensitivity_corrected_rerun_is_not_refused(world, run, tmp_path):
+    out = tmp_path / "sens"
+    refused(run(*sens_args(world, out, "--images", "5:3")), {}, "--images", roots=(tmp_path,))
+    res = run(*sens_args(world, out, "--images", "8:40"))
+    assert res.code == 0 and "1 cells computed" in res.out
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--search-images", "16:", "--holdout-images", ":32"], "overlap"),
+    (["--search-images", "96:500"], "image range"),
+    (["--layers", "h7"], "unknown layer"),
+    (["--fr-max", "2"], "fr_max"),
+    (["--population", "1"], "population"),
+])
+def test_search_validates_before_creating(extra, needle, world, run, tmp_path):
+    out = tmp_path / "search"
+    refused(run(*search_args(world, out, *extra)), {}, needle, roots=(tmp_path,))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--train-epochs", "0"], "--train-epochs"),
+    (["--search-images", "0:64"], "overlap"),
+])
+def test_demo_validates_before_training(extra, needle, world, run, tmp_path):
+    refused(run(*demo_args(world, tmp_path / "demo", *extra)), {}, needle, roots=(tmp_path,))
+    assert not (tmp_path / "demo").exists()
+
+
+def test_campaign_config_schema(world, run, tmp_path):
+    camp = finished_campaign(tmp_path)
+    cfg_path = camp / "config.json"
+    good = json.loads(cfg_path.read_text())
+    for bad, needle in (({**good, "config": {**good["config"], "seeds": ["1"]}},
+                         'config.seeds[0] must be an integer, got "1"'),
+                        ({**good, "config": {**good["config"], "colour": 1}},
+                         "unknown field config.colour"),
+                        ([good], "the top level must be an object")):
+        cfg_path.write_text(json.dumps(bad))
+        before = snapshot(tmp_path)
+        refused(run("report", camp), before, str(cfg_path), needle, roots=(tmp_path,))
+
+
+# ---------------------------------------------------------------- concurrent writers
+
+
+def _lock(folder: Path, content: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_NAME).write_text(content)
+
+
+@pytest.mark.parametrize("name", ["sensitivity", "search", "reproduce"])
+def test_live_writer_is_refused(name, world, run, tmp_path):
+    out = tmp_path / "out"
+    _lock(out, f"{os.getpid()} {os.uname().nodename} abc\n")  # this very process: alive
+    before = snapshot(tmp_path)
+    refused(run(*FOLDER_COMMANDS[name](world, out)), before, "being written by another",
+            f"pid {os.getpid()}", roots=(tmp_path,))
+
+
+def test_lock_from_another_host_is_respected(world, run, tmp_path):
+    out = tmp_path / "out"
+    _lock(out, f"{dead_pid()} some-cluster-node\n")  # cannot be checked from here
+    before = snapshot(tmp_path)
+    refused(run(*sens_args(world, out)), before, "on some-cluster-node", roots=(tmp_path,))
+
+
+@pytest.mark.parametrize("name", ["sensitivity", "search"])
+def test_stale_lock_is_recovered(name, world, run, tmp_path):
+    out = tmp_path / "out"
+    pid = dead_pid()
+    _lock(out, f"{pid} {os.uname().nodename}\n")
+    args = FOLDER_COMMANDS[name](world, out)
+    first = run(*args)
+    assert first.code == 0, first.err
+    assert f"recovered a stale lock of pid {pid}" in first.err
+    assert not (out / LOCK_NAME).exists()  # and ours is released at the end
+    # The control of the policy: our own finished folder is resumed, not refused.
+    again = run(*args)
+    assert again.code == 0, again.err
+    assert ("1 already done" in again.out if name == "sensitivity"
+            else "finished earlier" in again.err and again.out == first.out)
+
+
+def test_rewrite_our_own_outputs(world, run, tmp_path):
+    """The controls of the file policy: what we wrote may be written again."""
+    md = tmp_path / "bench.md"
+    assert run(*bench_args(world, md)).code == 0
+    assert run(*bench_args(world, md)).code == 0  # a table bench wrote may be replaced
+    camp = finished_campaign(tmp_path)
+    assert run("report", camp, "--out", tmp_path / "rep").code == 0
+    assert run("report", camp, "--out", tmp_path / "rep").code == 0
