@@ -13,8 +13,8 @@ Three promises of the README live here, in one place each:
 - **One writer per folder.** :func:`claim_out_dir` takes a lock file holding the writer's
   PID; a live second writer is refused and a lock left by a dead process is recovered.
 
-For input files, :func:`read_json` and :func:`require` give errors that name the file and
-the field, e.g. ``schedule s.json: permutations.c0[3] must be an integer, got 0.9``.
+For input files, :mod:`hasched.schema` (re-exported here) gives errors that name the file
+and the field, e.g. ``schedule s.json: permutations.c0[3] must be an integer, got 0.9``.
 """
 
 from __future__ import annotations
@@ -28,9 +28,13 @@ import secrets
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from hasched.errors import HaschedError
+from hasched.schema import check_fields, check_type, read_json, require
+
+# The input side (schema-checked JSON) lives in hasched.schema; it is re-exported here so
+# that ``from hasched.io import require`` works for every file a command reads or writes.
 
 __all__ = [
     "CONFIG_NAME",
@@ -44,6 +48,7 @@ __all__ = [
     "read_json",
     "require",
     "check_type",
+    "check_fields",
 ]
 
 CONFIG_NAME = "config.json"
@@ -235,7 +240,7 @@ def check_out_dir(
                                f"{option}") from None
         if not isinstance(cfg, dict):
             raise HaschedError(f"{cfg_path} is not a hasched {what} config (a JSON "
-                               f"{_json_type(cfg)}, not an object); use another {option}")
+                               f"{type(cfg).__name__}, not an object); use another {option}")
         compatible(cfg, cfg_path)
         return True
     if legacy is not None and legacy(names):
@@ -378,106 +383,3 @@ def check_out_file(
         raise HaschedError(f"{option} {path} exists and was not written by this command; "
                            f"not overwriting it, use another {option}")
     return path
-
-
-# ---------------------------------------------------------------- checked input
-
-
-def read_json(path: str | Path, *, what: str = "file") -> Any:
-    """Parses a JSON file; every failure is one line naming the file.
-
-    Raises:
-        HaschedError: Missing, unreadable, not UTF-8, or not JSON (with line and column).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise HaschedError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise HaschedError(f"{what} {path} is a folder, not a file") from None
-    except OSError as err:
-        raise os_error(path, err, "read") from None
-    except UnicodeDecodeError:
-        raise HaschedError(f"{what} {path} is not a text (UTF-8) file") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise HaschedError(f"{what} {path} is not valid JSON (line {err.lineno}, column "
-                           f"{err.colno}: {err.msg})") from None
-    except RecursionError:
-        raise HaschedError(f"{what} {path} is nested too deeply") from None
-
-
-_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-               list: "a list", dict: "an object", type(None): "null"}
-
-
-def _json_type(value: Any) -> str:
-    for kind, name in ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"),
-                       (list, "list"), (dict, "object"), (type(None), "null")):
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-def _matches(value: Any, kind: type) -> bool:
-    if isinstance(value, bool):  # JSON true is not the integer 1
-        return kind is bool
-    if kind is float:
-        return isinstance(value, int | float)
-    return isinstance(value, kind)
-
-
-def _short(value: Any) -> str:
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def check_type(value: Any, kind: type | tuple[type, ...], *, file: str | Path, name: str) -> Any:
-    """Returns ``value`` if it is of ``kind``; else raises naming ``file`` and ``name``.
-
-    ``bool`` never passes for ``int`` or ``float``; ``int`` passes for ``float``.
-    """
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not any(_matches(value, k) for k in kinds):
-        want = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
-        raise HaschedError(f"{file}: {name} must be {want}, got {_short(value)}")
-    return value
-
-
-def require(
-    obj: Any,
-    field: str,
-    kind: type | tuple[type, ...],
-    *,
-    file: str | Path,
-    where: str = "",
-    default: Any = ...,
-) -> Any:
-    """``obj[field]``, checked to be of ``kind``; errors name ``file`` and the field.
-
-    Args:
-        obj: A parsed JSON value expected to be an object.
-        field: The key.
-        kind: Allowed type(s), see :func:`check_type`.
-        file: The file, for messages.
-        where: Dotted path of ``obj`` inside the file (``"config"``), for messages.
-        default: Returned when the field is absent (default: the field is required).
-
-    Example:
-        >>> require({"seed": 1}, "seed", int, file="meta.json")
-        1
-    """
-    name = f"{where}.{field}" if where else field
-    if not isinstance(obj, dict):
-        raise HaschedError(f"{file}: {where or 'the top level'} must be an object, got a "
-                           f"JSON {_json_type(obj)}")
-    if field not in obj:
-        if default is not ...:
-            return default
-        raise HaschedError(f"{file}: missing field {name!r}")
-    return check_type(obj[field], kind, file=file, name=name)

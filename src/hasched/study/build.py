@@ -33,6 +33,7 @@ __all__ = [
     "resolve_device",
     "parse_layers",
     "parse_image_range",
+    "check_image_spec",
     "load_images",
     "build_evaluator",
     "accuracy_mismatch",
@@ -129,6 +130,16 @@ def parse_image_range(spec: str | int | None, n_total: int) -> slice:
     if not (0 <= start < stop <= n_total):
         raise HaschedError(f"image range {spec!r} is outside 0..{n_total} or empty")
     return slice(start, stop)
+
+
+def check_image_spec(spec: str, option: str = "--images") -> None:
+    """Syntax and order of an image range, before the dataset (and its size) is loaded."""
+    text = str(spec).strip()
+    try:
+        parse_image_range(text, 1 << 62)
+    except HaschedError:
+        raise HaschedError(f"{option} must be N >= 1, A:B, A: or :B with A < B, got "
+                           f"{text!r}") from None
 
 
 def load_images(
@@ -276,9 +287,7 @@ def read_schedule(path: str | Path) -> tuple[dict[str, list[int]], dict]:
         raise HaschedError(f"{name}: 'permutations' is empty; it must map at least one "
                            "faulty layer to a permutation")
     for layer, perm in perms.items():
-        check_type(perm, list, file=name, name=f"permutations.{layer}")
-        for i, v in enumerate(perm):
-            check_type(v, int, file=name, name=f"permutations.{layer}[{i}]")
+        check_type(perm, list[int], file=name, name=f"permutations.{layer}")
     return perms, {k: v for k, v in obj.items() if k != "permutations"}
 
 

@@ -41,8 +41,8 @@ import pandas as pd
 from hasched.errors import HaschedError
 from hasched.io import (
     atomic_write,
+    check_fields,
     check_out_dir,
-    check_type,
     claim_out_dir,
     make_dirs,
     read_json,
@@ -86,19 +86,6 @@ def _ints(spec: str | int | list[int] | tuple[int, ...], what: str) -> tuple[int
     if len(set(out)) != len(out):
         raise HaschedError(f"--{what} lists a value twice: {spec!r}")
     return out
-
-
-def _check_images(text: str) -> None:
-    """Syntax and order of an image range; the dataset size is checked before running."""
-    from hasched.study.build import parse_image_range
-
-    if text.isdigit() and int(text) < 1:
-        raise HaschedError(f"--images must be >= 1, got {text}")
-    try:
-        parse_image_range(text, 1 << 62)
-    except HaschedError:
-        raise HaschedError(f"--images must be N, A:B, A: or :B with A < B, got {text!r}") \
-            from None
 
 
 def _model_layers(model: str) -> list[str]:
@@ -201,7 +188,9 @@ class CampaignConfig:
         if int(repeats) < 1:
             raise HaschedError(f"--repeats must be >= 1, got {repeats}")
         if images is not None:
-            _check_images(str(images).strip())
+            from hasched.study.build import check_image_spec
+
+            check_image_spec(str(images).strip())
         dev = str(device or "cpu").split(":")[0]
         if dev not in ("cpu", "cuda"):
             raise HaschedError(f"--device must be cpu or cuda, got {device!r}")
@@ -306,12 +295,9 @@ def open_store(
         yield folder
 
 
-_CONFIG_FIELDS: dict[str, tuple[type | tuple[type, ...], type | None]] = {
-    # field: (its JSON type, the type of its items when it is a list)
-    "model": (str, None), "seeds": (list, int), "layers": (list, str),
-    "errors": (list, str), "fr_max": ((str, list), float), "profile_seeds": (list, int),
-    "repeats": (int, None), "images": ((str, type(None)), None), "device": (str, None),
-}
+_CONFIG_FIELDS = {"model": str, "seeds": list[int], "layers": list[str], "errors": list[str],
+                  "fr_max": str | list[float], "profile_seeds": list[int], "repeats": int,
+                  "images": str | None, "device": str}
 
 
 def read_config(out: str | Path) -> CampaignConfig:
@@ -320,15 +306,7 @@ def read_config(out: str | Path) -> CampaignConfig:
     if not path.is_file():
         raise HaschedError(f"{out} is not a campaign folder (no config.json)")
     d = require(read_json(path, what="campaign config"), "config", dict, file=path)
-    unknown = sorted(set(d) - set(_CONFIG_FIELDS))
-    if unknown:
-        raise HaschedError(f"{path}: unknown field config.{unknown[0]}")
-    for key, (kind, item) in _CONFIG_FIELDS.items():
-        value = require(d, key, kind, file=path, where="config")
-        if isinstance(value, list):
-            for i, v in enumerate(value):
-                check_type(v, item, file=path, name=f"config.{key}[{i}]")
-    return CampaignConfig.from_dict(d)
+    return CampaignConfig.from_dict(check_fields(d, _CONFIG_FIELDS, file=path, where="config"))
 
 
 def _finished(out: Path, cells: list[Cell]) -> dict[str, list[dict]]:
