@@ -9,6 +9,7 @@ of an uninterrupted one.
 Layout of a campaign folder::
 
     DIR/config.json          the grid (a rerun with other arguments is refused)
+    DIR/.hasched.lock        the PID of the run writing the folder (a second one is refused)
     DIR/parts/<cell>.json    one file per finished cell, written atomically (tmp + rename)
     DIR/results.csv          tidy table, one row per evaluation, rebuilt from the parts
     DIR/summary.csv          mean +- std over model seeds x profile seeds x repeats

@@ -15,8 +15,10 @@
 
 Every run checkpoints each generation to ``out/ckpt/``; calling again with the same settings
 resumes from the last completed generation (bit-for-bit the uninterrupted result) and a
-finished folder is returned from its ``summary.json`` at once. Other settings for an existing
-folder are refused.
+finished folder is returned from its ``summary.json`` at once. The folder follows
+:func:`hasched.io.check_out_dir`: other settings, another command's folder or a user's
+non-empty folder are refused, everything is checked before the folder is created, every
+file is written atomically and a running search holds the folder's lock.
 """
 
 from __future__ import annotations
