@@ -272,6 +272,10 @@ def check_store(model_name: str, seed: int, models_dir: str | Path | None = None
         HaschedError: The store or the folder is (or lies under) a file, or the folder
             holds files that are not a checkpoint's.
     """
+    store = resolve_models_dir(models_dir)
+    if store.exists() and not store.is_dir():  # say so about the store, not a folder inside
+        raise HaschedError(f"--models-dir {store} is a file, not a folder; use another "
+                           "--models-dir")
     folder = checkpoint_dir(model_name, seed, models_dir)
     check_out_dir(folder, what="checkpoint", option="--models-dir",
                   compatible=lambda _cfg, path: _foreign_store_file(path),
