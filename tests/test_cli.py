@@ -114,9 +114,9 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(models, tmp_path):
 
 
 def test_missing_data_names_the_places_tried(tmp_path):
-    res = run(["evaluate", "--images", "8"], {"HASCHED_DATA_DIR": str(tmp_path / "nodata"),
-                                              "HASCHED_MODELS_DIR": str(tmp_path / "m"),
-                                              "HOME": str(tmp_path)})
+    res = run(["evaluate", "--images", "8", "--train"],
+              {"HASCHED_DATA_DIR": str(tmp_path / "nodata"),
+               "HASCHED_MODELS_DIR": str(tmp_path / "m"), "HOME": str(tmp_path)})
     assert_clean_error(res, "nodata")
 
 

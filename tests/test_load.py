@@ -133,7 +133,7 @@ def test_train_then_load_from_the_store(data_dir, models_dir):
     logs: list[str] = []
     ref = ModelRef("mlp", dataset="fashion-mnist", kwargs={"hidden": (8,)})
     trained, meta = load_model(ref, 2, models_dir=models_dir, data_dir=data_dir, epochs=1,
-                               log=logs.append, progress=False)
+                               log=logs.append, progress=False, train=True)
     folder = checkpoint_dir(ref.store_name, 2, models_dir)
     assert (folder / "model.safetensors").is_file() and meta["weights"] == "trained"
     again, meta2 = load_model(ref, 2, models_dir=models_dir, data_dir=data_dir, log=logs.append)

@@ -209,7 +209,14 @@ def test_load_or_train_trains_once_then_loads(data_dir, models_dir, monkeypatch)
 
     monkeypatch.setattr(train, "train_ref", quick_train)
     messages: list[str] = []
-    model, meta = load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append)
+    # A missing checkpoint is an error unless training was asked for: the message names
+    # the store, the seeds it holds and the command to run.
+    with pytest.raises(CheckpointNotFoundError, match=r"seed 7 in the store .*--train") as err:
+        load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append)
+    assert "hasched train --model mnist32-cnn --seed 7" in str(err.value)
+    assert not calls and not messages
+    model, meta = load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append,
+                                train=True)
     assert len(calls) == 1 and len(messages) == 1
     assert messages[0].startswith("no checkpoint for mnist32-cnn seed 7: training")
     assert (checkpoint_dir("mnist32-cnn", 7, models_dir) / "model.safetensors").is_file()

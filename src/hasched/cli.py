@@ -35,6 +35,9 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered model n
 SeedOpt = Annotated[int, typer.Option("--seed", help="Model seed (one trained instance).")]
 MappingOpt = Annotated[str, typer.Option(
     "--mapping", help="gpu-tiles | gpu-tiles:sms=10 | systolic:RxC.")]
+TrainOpt = Annotated[bool, typer.Option(
+    "--train", help="Train a missing checkpoint (~20-30 min on 2 cores) instead of stopping "
+    "with an error.")]
 
 
 def _log(msg: str) -> None:
@@ -101,9 +104,11 @@ def train(
     force: Annotated[bool, typer.Option(help="Retrain even if a checkpoint exists.")] = False,
 ) -> None:
     """Train a model with its recipe and store the checkpoint."""
-    from hasched.zoo.ref import ModelRef
+    from hasched.io import make_dirs
+    from hasched.zoo.ref import ModelRef, build_model
     from hasched.zoo.train import (
         CheckpointNotFoundError,
+        check_store,
         checkpoint_dir,
         load_stored,
         save_checkpoint,
@@ -121,6 +126,11 @@ def train(
             return
         except CheckpointNotFoundError:
             pass
+    if epochs is not None and epochs < 1:
+        raise HaschedError(f"--epochs must be >= 1, got {epochs}")
+    folder = check_store(name, seed, models_dir)  # a bad store fails now, not after training
+    build_model(ref, seed)  # so does a bad model reference, before anything is created
+    make_dirs(folder)
     net, meta = train_ref(ref, seed, data_dir=data_dir, epochs=epochs, train_subset=train_subset)
     save_checkpoint(net, meta, models_dir)
     typer.echo(f"{name} seed {seed}: test accuracy {meta['test_accuracy']:.4f} "
@@ -138,10 +148,13 @@ def profile(
     n_sms: Annotated[int, typer.Option("--n-sms", help="SMs of the gpu-tiles mapping.")] = 20,
 ) -> None:
     """Generate (or inspect) a transient fault profile: per-PE rates ~ Uniform(0, FR_max)."""
+    from hasched.io import check_out_file, make_dirs
     from hasched.sim.profile import FaultProfile
 
-    if out is not None and out.exists():
-        raise HaschedError(f"{out} exists; not overwriting it")
+    if out is not None:  # checked before anything is computed
+        check_out_file(out, option="--out")
+        if out.suffix not in (".npy", ".json"):
+            raise HaschedError(f"--out: use a .npy or .json file name, got {out.name}")
     if show is not None:
         prof = FaultProfile.load(show)
     else:
@@ -151,7 +164,8 @@ def profile(
                f"{r.mean():.3g} max {r.max():.3g}; worst PE (row, col) = "
                f"{tuple(int(i) for i in divmod(int(r.argmax()), r.shape[1]))}")
     if out is not None:
-        prof.save(out)
+        make_dirs(out.parent)
+        prof.save(out)  # atomic: a full or read-only disk is one line, no temporary file
         typer.echo(f"wrote {out}")
 
 
@@ -202,17 +216,25 @@ def evaluate(
     data_dir: DataDirOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per layer "
                                           "group.")] = False,
+    train: TrainOpt = False,
 ) -> None:
     """Accuracy of a model with some layers on a (faulty) simulated accelerator."""
-    from hasched.study.build import build_evaluator, load_schedule, model_layer_names
+    from hasched.study.build import (
+        build_evaluator,
+        load_schedule,
+        model_layer_names,
+        read_schedule,
+    )
     from hasched.study.build import evaluate as run_eval
     from hasched.study.scenario import parse_layer_groups
 
     groups = parse_layer_groups(scn["layers"], model_layer_names(scn["model"]))
     scenarios = [scenario_from(scn, layers=g).validate() for g in groups]
+    if schedule is not None:
+        read_schedule(schedule)  # a malformed file fails before the model is loaded
     for s in scenarios:
         ev = build_evaluator(s, device=device, models_dir=models_dir, data_dir=data_dir,
-                             log=_log)
+                             log=_log, train=train)
         perms = load_schedule(schedule, ev.rows)[0] if schedule is not None else None
         res = run_eval(ev, repeats=s.repeats, error_seed=s.error_seed, perms=perms)
         if as_json:
@@ -237,6 +259,7 @@ def sensitivity(
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
     report: Annotated[bool, typer.Option(help="Write figures and report.md at the end.")] = True,
+    train: TrainOpt = False,
 ) -> None:
     """Fault-sensitivity campaign (paper 5.1): a grid of seeds x layer groups x faults x
     FR_max x profile seeds; the other scenario options apply to every cell."""
@@ -253,7 +276,7 @@ def sensitivity(
                                    scn["fr_max"], scn["profile_seed"], scn["repeats"],
                                    None if images == "all" else images, device, base=base)
     res = run_campaign(cfg, out, workers=workers, models_dir=models_dir, data_dir=data_dir,
-                       log=_log)
+                       log=_log, train=train)
     typer.echo(f"{res['computed']} cells computed, {res['done_before']} already done, "
                f"{res['cells']} in the grid; {res['rows']} rows in {out / 'results.csv'} "
                f"({res['seconds']:.0f} s)")
@@ -295,6 +318,7 @@ def search(
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
+    train: TrainOpt = False,
 ) -> None:
     """Search a fault-aware schedule (HAS) for one layer group (c0, or h2+op jointly) and
     evaluate it on held-out images. --repeats: error instances per fitness evaluation."""
@@ -307,7 +331,8 @@ def search(
                        population=population, generations=generations, runs=runs,
                        search_images=search_images, holdout_images=holdout_images,
                        holdout_repeats=holdout_repeats, search_seed=search_seed, device=device)
-    res = run_has_search(out, s, models_dir=models_dir, data_dir=data_dir, log=_log)
+    res = run_has_search(out, s, models_dir=models_dir, data_dir=data_dir, log=_log,
+                         train=train)
     r = res["results"]
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} "
                f"repeats): clean {r['clean']['mean']:.4f} | degraded (identity) "
@@ -330,6 +355,7 @@ def reproduce(
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
+    train: TrainOpt = False,
 ) -> None:
     """Run the paper's §5.2 recovery cases and write REPORT.md. The cases set model, seeds,
     layers, fault and FR_max; the other scenario options apply to every case."""
@@ -337,7 +363,7 @@ def reproduce(
 
     base = scenario_from(scn).validate()
     run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log,
-                  base=base)
+                  train=train, base=base)
     typer.echo(f"report: {Path(out) / 'REPORT.md'}")
 
 
@@ -356,17 +382,20 @@ def bench(
     """Time clean vs faulty inference, GA fitness and generations, int8/LUT arithmetic and
     chips (ratios to clean). Scenario options other than the defaults add an entry for
     that scenario."""
-    from hasched.study.bench import BenchConfig, run_bench, to_markdown
+    from hasched.io import atomic_write, check_out_file, make_dirs
+    from hasched.study.bench import BenchConfig, is_bench_markdown, run_bench, to_markdown
     from hasched.study.scenario import Scenario
 
+    if markdown is not None:  # checked before the (minutes of) timing, rewritten if ours
+        check_out_file(markdown, option="--markdown", ours=is_bench_markdown)
     custom = scenario_from({**scn, "model": model}).validate()
     default = Scenario(model=model)
     cfg = BenchConfig(model=model, images=images, device=device, filter=filter, trials=trials,
                       custom=None if custom == default else custom)
     rows = run_bench(cfg, log=None if as_json else _log)
     if markdown is not None:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(to_markdown(rows))
+        make_dirs(markdown.parent)
+        atomic_write(markdown, to_markdown(rows))
     typer.echo(json.dumps(rows, indent=1) if as_json else to_markdown(rows))
 
 
@@ -388,31 +417,44 @@ def demo(
     data_dir: DataDirOpt = None,
 ) -> None:
     """The main job in minutes: train mnist32-cnn, fault c0, search a HAS schedule."""
+    from hasched.io import claim_out_dir
+    from hasched.study.schedule_search import SearchSettings, check_demo_dir, prepare_search
+
+    if "," in scn["layers"]:
+        raise HaschedError("demo takes one layer group (join layers with +)")
+    s0 = scenario_from({**scn, "model": "mnist32-cnn", "seed": 1}).validate()
+    s = SearchSettings(scenario=s0, generations=generations, runs=1,
+                       search_images=search_images, holdout_images=holdout_images,
+                       device=device)
+    if train_epochs < 1:
+        raise HaschedError(f"--train-epochs must be >= 1, got {train_epochs}")
+    check_demo_dir(out, s)
+    models_dir = models_dir or out / "models"
+    prepare_search(s, models_dir, data_dir, train=True)  # every check before any training
+    with claim_out_dir(out, {"hasched": "demo"}, lock=False):
+        _demo(out, s, train_epochs, models_dir, data_dir)
+
+
+def _demo(out: Path, s, train_epochs: int, models_dir: Path, data_dir: Path | None) -> None:
     from hasched.study.build import build_evaluator
     from hasched.study.build import evaluate as run_eval
-    from hasched.study.schedule_search import SearchSettings, run_has_search
+    from hasched.study.schedule_search import run_has_search
     from hasched.zoo.train import load_or_train
 
-    s0 = scenario_from({**scn, "model": "mnist32-cnn", "seed": 1}).validate()
-    if len(s0.layers) != 1 and "," in scn["layers"]:
-        raise HaschedError("demo takes one layer group (join layers with +)")
-    models_dir = models_dir or out / "models"
+    s0 = s.scenario
     typer.echo(f"1/3 model: mnist32-cnn seed 1 (store {models_dir}; trained for "
                f"{train_epochs} epochs on first use, then cached)")
     _, meta = load_or_train("mnist32-cnn", 1, models_dir=models_dir, data_dir=data_dir,
-                            log=_log, epochs=train_epochs)
+                            log=_log, epochs=train_epochs, train=True)
     typer.echo(f"    test accuracy {meta['test_accuracy']:.4f} ({meta['epochs']} epochs)")
-    ev = build_evaluator(s0.replace(images=holdout_images), device=device,
+    ev = build_evaluator(s0.replace(images=s.holdout_images), device=s.device,
                          models_dir=models_dir, data_dir=data_dir, log=_log)
     res = run_eval(ev, repeats=s0.repeats, error_seed=s0.error_seed)
     typer.echo(f"2/3 on a faulty accelerator ({s0.describe()}): accuracy "
                f"{res['clean_accuracy']:.4f} clean -> {res['accuracy_mean']:.4f} "
                f"+- {res['accuracy_std']:.4f}")
-    typer.echo(f"3/3 HAS search: population 20, {generations} generations, fitness on "
-               f"images {search_images}, held-out {holdout_images}")
-    s = SearchSettings(scenario=s0, generations=generations, runs=1,
-                       search_images=search_images, holdout_images=holdout_images,
-                       device=device)
+    typer.echo(f"3/3 HAS search: population 20, {s.generations} generations, fitness on "
+               f"images {s.search_images}, held-out {s.holdout_images}")
     summ = run_has_search(out / "search", s, models_dir=models_dir, data_dir=data_dir, log=_log)
     r = summ["results"]
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} repeats):")
@@ -428,14 +470,17 @@ def demo(
 # New commands go above this line.
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit status 2, never a traceback.
 
     Typer's standalone mode handles ``--help``, usage errors (exit 2) and Ctrl-C (exit 1);
     what a command raises as :class:`HaschedError` is printed here as one line.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``); tests pass them to run in-process.
     """
     try:
-        app()
+        app(args=argv, prog_name="hasched")
     except HaschedError as err:
         typer.echo(f"hasched: error: {err}", err=True)
         sys.exit(err.exit_code)

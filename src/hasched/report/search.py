@@ -9,9 +9,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_convergence", "plot_recovery", "plot_cases", "write_markdown"]
+from hasched.io import atomic_write  # noqa: E402
+
+__all__ = ["plot_convergence", "plot_recovery", "plot_cases", "save_figure", "write_markdown"]
 
 _COLORS = {"ga": "tab:blue", "random": "tab:orange"}
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Writes ``fig`` atomically (format from the suffix) and closes it, even on failure."""
+    path = Path(path)
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".")
+                                                         or "png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def plot_convergence(rows: list[dict], path: str | Path, title: str = "") -> Path:
@@ -36,9 +48,7 @@ def plot_convergence(rows: list[dict], path: str | Path, title: str = "") -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _bar(ax, labels, stats, colors) -> None:
@@ -63,9 +73,7 @@ def plot_recovery(summary: dict, path: str | Path) -> Path:
     ax.set_title(f"{s['model']} seed {s['seed']} {'+'.join(summary['layers'])} {s['error']} "
                  f"FR_max {s['fr_max']:g} (profile {s['profile_seed']})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_cases(cases: list[dict], path: str | Path) -> Path:
@@ -92,9 +100,7 @@ def plot_cases(cases: list[dict], path: str | Path) -> Path:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _flat(settings: dict) -> dict:
@@ -139,5 +145,4 @@ def write_markdown(summary: dict, path: str | Path) -> Path:
         "recovery.png, summary.json.",
         "",
     ]
-    Path(path).write_text("\n".join(lines))
-    return Path(path)
+    return atomic_write(path, "\n".join(lines))

@@ -23,7 +23,7 @@ from hasched.study.scenario import Scenario
 from hasched.zoo.models import create_model
 from hasched.zoo.train import CheckpointNotFoundError, load_checkpoint
 
-__all__ = ["BenchConfig", "run_bench", "to_markdown"]
+__all__ = ["BenchConfig", "is_bench_markdown", "run_bench", "to_markdown"]
 
 
 @dataclass(frozen=True)
@@ -181,9 +181,16 @@ def run_bench(
     return results
 
 
+MARKDOWN_HEADER = "| entry | device | seconds | clean s | ratio | peak MB |"
+
+
+def is_bench_markdown(content: bytes) -> bool:
+    """Whether a file is a table :func:`to_markdown` wrote (``--markdown`` may replace it)."""
+    return content.startswith(MARKDOWN_HEADER.encode())
+
+
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| entry | device | seconds | clean s | ratio | peak MB |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [MARKDOWN_HEADER, "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| `{r['name']}` | {r['device']} | {r['seconds']:.3f} | "
                      f"{r['clean_seconds']:.3f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |")

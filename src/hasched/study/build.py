@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_type, read_json, require
 from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
 from hasched.sim.layers import weight_layer_names
 from hasched.study.scenario import Scenario, parse_layer_groups
@@ -30,10 +31,14 @@ __all__ = [
     "resolve_device",
     "calibration_images",
     "parse_image_range",
+    "check_image_spec",
     "load_images",
     "build_evaluator",
+    "accuracy_mismatch",
+    "check_layers",
     "evaluate",
     "save_schedule",
+    "read_schedule",
     "load_schedule",
 ]
 
@@ -60,6 +65,16 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
+
+
+def check_image_spec(spec: str, option: str = "--images") -> None:
+    """Syntax and order of an image range, before the dataset (and its size) is loaded."""
+    text = str(spec).strip()
+    try:
+        parse_image_range(text, 1 << 62)
+    except HaschedError:
+        raise HaschedError(f"{option} must be N >= 1, A:B, A: or :B with A < B, got "
+                           f"{text!r}") from None
 
 
 def load_images(
@@ -99,17 +114,19 @@ def build_evaluator(
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     data: tuple[torch.Tensor, torch.Tensor, dict] | None = None,
+    train: bool = False,
 ) -> FaultyEvaluator:
-    """Loads (or trains) the model and its data and returns a ready evaluator.
+    """Loads the model and its data and returns a ready evaluator.
 
     ``data`` lets callers that evaluate many scenarios share one loaded image set (it
     replaces ``scn.images``). The evaluator carries ``.info`` (model metadata, images,
-    scenario) for reports.
+    scenario) for reports. A missing checkpoint is an error unless ``train`` is set
+    (training takes minutes).
     """
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
     scn.validate()
     model, meta = load_or_train(scn.model, scn.seed, models_dir=models_dir, data_dir=data_dir,
-                                progress=progress, log=log)
+                                progress=progress, log=log, train=train)
     parse_layer_groups([scn.layers], weight_layer_names(model))
     x, y, img_info = data if data is not None else load_images(scn.model, scn.images,
                                                                data_dir, dev)
@@ -121,7 +138,36 @@ def build_evaluator(
                          calibration=calib, metric=scn.metric, config=config)
     ev.info = {"images": img_info, "checkpoint": meta, "scenario": scn.to_dict(),
                "mapping": ev.mapping.describe(), "fault": ev.fault_model.describe()}
+    if log is not None and scn.metric == "top1":
+        warning = accuracy_mismatch(ev.reference_score, meta, img_info)
+        if warning:
+            log(f"warning: {scn.model} seed {scn.seed}: {warning}")
     return ev
+
+
+def accuracy_mismatch(clean: float, meta: dict, images: dict, tolerance: float = 0.02) -> str:
+    """Compares a measured clean accuracy with the checkpoint's recorded test accuracy.
+
+    Only a measurement on the full test set (the one ``test_accuracy`` was measured on,
+    same dataset fingerprint) is compared; it is free, since every evaluator computes its
+    clean predictions anyway.
+
+    Returns:
+        A one-line warning when they differ by more than ``tolerance``, else ``""``.
+    """
+    recorded = meta.get("test_accuracy")
+    fingerprint = (meta.get("dataset_fingerprint") or {}).get("test")
+    full = (images.get("start") == 0 and images.get("stop") == meta.get("test_images")
+            and fingerprint is not None and images.get("fingerprint") == fingerprint)
+    if not full or not isinstance(recorded, int | float) or abs(clean - recorded) <= tolerance:
+        return ""
+    return (f"clean accuracy {100 * clean:.1f} % on the full test set, but the checkpoint "
+            f"records {100 * recorded:.1f} %; the weights may be damaged or from another run")
+
+
+def check_layers(model_name: str, spec: str | list[str]) -> list[tuple[str, ...]]:
+    """Validates layer groups against a registered model without loading any checkpoint."""
+    return parse_layer_groups(spec, model_layer_names(model_name))
 
 
 def evaluate(
@@ -172,42 +218,52 @@ def evaluate(
 
 def save_schedule(path: str | Path, perms: dict[str, torch.Tensor], **meta) -> Path:
     """Writes a schedule file: ``{"permutations": {layer: [row per slot]}, ...meta}``."""
-    path = Path(path)
     obj = dict(meta)
     obj["permutations"] = {k: [int(i) for i in v.reshape(-1).tolist()] for k, v in perms.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(obj, indent=1))
 
 
-def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Reads a schedule file and checks it against the faulty layers' row counts.
+def read_schedule(path: str | Path) -> tuple[dict[str, list[int]], dict]:
+    """Reads a schedule file and checks its schema (no model needed, so it can run first).
+
+    The file is ``{"permutations": {layer: [row, ...]}, ...metadata}``; every entry must be
+    a JSON integer (``0.9``, ``true`` and ``"1"`` are refused, never coerced) and at least
+    one layer must be scheduled. A folder stands for its ``schedule.json``.
 
     Returns:
-        ``({layer: LongTensor[1, rows]}, the file's metadata)``.
+        ``({layer: [row per slot]}, the file's metadata)``.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "schedule.json"
-    if not path.is_file():
-        raise HaschedError(f"schedule file not found: {path}")
-    try:
-        obj = json.loads(path.read_text())
-        perms = obj["permutations"]
-        if not isinstance(perms, dict):
-            raise TypeError("'permutations' must be an object")
-        out = {k: torch.tensor([int(i) for i in v], dtype=torch.long)[None]
-               for k, v in perms.items()}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HaschedError(f"schedule {path} is malformed: {err}") from None
-    for name, perm in out.items():
-        if name not in rows:
-            raise HaschedError(f"schedule {path} names layer {name!r}, which is not among the "
+    name = f"schedule {path}"
+    obj = read_json(path, what="schedule file")
+    perms = require(obj, "permutations", dict, file=name)
+    if not perms:
+        raise HaschedError(f"{name}: 'permutations' is empty; it must map at least one "
+                           "faulty layer to a permutation")
+    for layer, perm in perms.items():
+        check_type(perm, list[int], file=name, name=f"permutations.{layer}")
+    return perms, {k: v for k, v in obj.items() if k != "permutations"}
+
+
+def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a schedule file (:func:`read_schedule`) and checks it against the faulty
+    layers' row counts.
+
+    Returns:
+        ``({layer: LongTensor[1, rows]}, the file's metadata)``.
+    """
+    perms, meta = read_schedule(path)
+    name = f"schedule {Path(path) / 'schedule.json' if Path(path).is_dir() else path}"
+    out = {}
+    for layer, perm in perms.items():
+        if layer not in rows:
+            raise HaschedError(f"{name} names layer {layer!r}, which is not among the "
                                f"faulty layers {sorted(rows)}")
-        n = rows[name]
-        if perm.shape[1] != n or not torch.equal(perm.sort().values[0], torch.arange(n)):
-            raise HaschedError(f"schedule {path}: layer {name} needs a permutation of "
-                               f"0..{n - 1}")
-    meta = {k: v for k, v in obj.items() if k != "permutations"}
+        n = rows[layer]
+        if len(perm) != n or sorted(perm) != list(range(n)):
+            raise HaschedError(f"{name}: layer {layer} needs a permutation of 0..{n - 1} "
+                               f"(each row once), got {len(perm)} entries")
+        out[layer] = torch.tensor(perm, dtype=torch.long)[None]
     return out, meta

@@ -9,6 +9,7 @@ of an uninterrupted one.
 Layout of a campaign folder::
 
     DIR/config.json          the grid (a rerun with other arguments is refused)
+    DIR/.hasched.lock        the PID of the run writing the folder (a second one is refused)
     DIR/parts/<cell>.json    one file per finished cell, written atomically (tmp + rename)
     DIR/results.csv          tidy table, one row per evaluation, rebuilt from the parts
     DIR/summary.csv          mean +- std over model seeds x profile seeds x repeats
@@ -26,17 +27,27 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
 
 from hasched.errors import HaschedError
+from hasched.io import (
+    atomic_write,
+    check_fields,
+    check_out_dir,
+    claim_out_dir,
+    make_dirs,
+    read_json,
+    require,
+)
 from hasched.seeds import derive_seed
 from hasched.sim.gemm import SAMPLER_VERSION
 from hasched.study.scenario import Scenario
@@ -208,9 +219,9 @@ class CampaignConfig:
         if int(repeats) < 1:
             raise HaschedError(f"--repeats must be >= 1, got {repeats}")
         if images is not None:
-            text = str(images).strip()
-            if text.isdigit() and int(text) < 1:
-                raise HaschedError(f"--images must be >= 1, got {images}")
+            from hasched.study.build import check_image_spec
+
+            check_image_spec(str(images).strip())
         dev = str(device or "cpu").split(":")[0]
         if dev not in ("cpu", "cuda"):
             raise HaschedError(f"--device must be cpu or cuda, got {device!r}")
@@ -288,27 +299,24 @@ def _part_path(out: Path, cell: Cell) -> Path:
     return out / "parts" / f"{cell.key}.json"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _want(cfg: CampaignConfig) -> dict:
+    return {"format": FORMAT_VERSION, "sampler": SAMPLER_VERSION, "config": cfg.to_dict()}
 
 
-def open_store(out: str | Path, cfg: CampaignConfig) -> Path:
-    """Creates ``out`` with its config, or checks an existing one matches ``cfg``."""
-    out = Path(out)
-    cfg_path = out / "config.json"
-    want = {"format": FORMAT_VERSION, "sampler": SAMPLER_VERSION, "config": cfg.to_dict()}
-    if cfg_path.is_file():
-        try:
-            have = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise HaschedError(f"{cfg_path} is unreadable ({err}); use another --out") from None
+def check_campaign_dir(out: str | Path, cfg: CampaignConfig) -> bool:
+    """The output-folder policy for a campaign (reads only): True when ``out`` is resumed.
+
+    Raises:
+        HaschedError: ``out`` is a file, foreign, or holds a different campaign.
+    """
+    want = _want(cfg)
+
+    def compatible(have: dict, path: Path) -> None:
+        if not isinstance(have.get("config"), dict) or "format" not in have:
+            raise HaschedError(f"{path} is not a sensitivity campaign's config (another "
+                               "command's folder?); use another --out")
         if have != want:
-            old = have.get("config", {}) if isinstance(have, dict) else {}
+            old = have["config"]
             diff = sorted(k for k in set(old) | set(want["config"])
                           if old.get(k) != want["config"].get(k))
             if not diff:  # same grid, other engine: resuming would mix error draws
@@ -316,23 +324,33 @@ def open_store(out: str | Path, cfg: CampaignConfig) -> Path:
             raise HaschedError(f"{out} holds a different campaign (differs in: "
                                f"{', '.join(diff)}); rerun with its arguments or use "
                                "another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise HaschedError(f"{out} exists, is not empty and is not a campaign folder; "
-                           "use another --out")
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    if not cfg_path.is_file():
-        _atomic_write_text(cfg_path, json.dumps(want, indent=1) + "\n")
-    return out
+
+    return check_out_dir(out, what="campaign", compatible=compatible)
+
+
+@contextlib.contextmanager
+def open_store(
+    out: str | Path, cfg: CampaignConfig, log: Callable[[str], None] | None = None
+) -> Iterator[Path]:
+    """Checks ``out``, then creates it with its config and holds its lock in the block."""
+    check_campaign_dir(out, cfg)
+    with claim_out_dir(out, _want(cfg), log=log) as folder:
+        make_dirs(folder / "parts")
+        yield folder
+
+
+_CONFIG_FIELDS = {"model": str, "seeds": list[int], "layers": list[str], "errors": list[str],
+                  "fr_max": str | list[float], "profile_seeds": list[int], "repeats": int,
+                  "images": str | None, "device": str, "base": dict}
 
 
 def read_config(out: str | Path) -> CampaignConfig:
+    """The grid of a campaign folder, schema-checked (errors name the file and field)."""
     path = Path(out) / "config.json"
     if not path.is_file():
         raise HaschedError(f"{out} is not a campaign folder (no config.json)")
-    try:
-        return CampaignConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["config"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HaschedError(f"{path} is malformed: {err}") from None
+    d = require(read_json(path, what="campaign config"), "config", dict, file=path)
+    return CampaignConfig.from_dict(check_fields(d, _CONFIG_FIELDS, file=path, where="config"))
 
 
 def _finished(out: Path, cells: list[Cell]) -> dict[str, list[dict]]:
@@ -396,8 +414,8 @@ def write_tables(out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     out = Path(out)
     df = load_results(out)
     summary = summarize_results(df)
-    _atomic_write_text(out / "results.csv", df.to_csv(index=False))
-    _atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    atomic_write(out / "results.csv", df.to_csv(index=False))
+    atomic_write(out / "summary.csv", summary.to_csv(index=False))
     return df, summary
 
 
@@ -433,6 +451,28 @@ def _work(args: tuple) -> tuple[str, dict]:
     return cell.key, (fn or _default_evaluate)(cfg, cell)
 
 
+def _devices(cfg: CampaignConfig, workers: int, evaluate_fn: Evaluate | None) -> list[str]:
+    if cfg.device == "cuda" and evaluate_fn is None:
+        from hasched.study.build import resolve_device
+
+        resolve_device("cuda")
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"] * workers
+
+
+def _check_inputs(cfg: CampaignConfig, models_dir, data_dir, train: bool) -> None:
+    """What the real engine needs, checked before the folder is created."""
+    from hasched.study.build import load_images
+    from hasched.zoo.train import require_checkpoint
+
+    load_images(cfg.model, cfg.images, data_dir)  # the dataset is there, the range fits
+    if not train:
+        for seed in cfg.seeds:
+            require_checkpoint(cfg.model, seed, models_dir)
+
+
 def run_campaign(
     cfg: CampaignConfig,
     out: str | Path,
@@ -444,8 +484,12 @@ def run_campaign(
     log: Callable[[str], None] | None = None,
     max_cells: int | None = None,
     evaluate_fn: Evaluate | None = None,
+    train: bool = False,
 ) -> dict:
     """Runs (or resumes) a campaign into ``out`` and rebuilds its tables.
+
+    Everything is checked (folder policy, image range, device, checkpoints) before the
+    folder is created; while it runs, the folder is locked against a second writer.
 
     Args:
         cfg: The grid.
@@ -459,38 +503,47 @@ def run_campaign(
         evaluate_fn: ``(cfg, cell) -> {"clean_accuracy", "accuracies", "images"}``;
             defaults to :func:`hasched.study.build.evaluate` on a fresh evaluator. Must be picklable
             when ``workers > 1``.
+        train: Train missing checkpoints (else a missing one is an error).
 
     Returns:
         ``{"cells", "done_before", "computed", "rows", "seconds", "complete"}``.
     """
-    from tqdm import tqdm
-
     if workers < 1:
         raise HaschedError(f"--workers must be >= 1, got {workers}")
-    out = open_store(out, cfg)
-    cells = expand_grid(cfg)
-    done = _finished(out, cells)
-    pending = [c for c in cells if c.key not in done]
-    if max_cells is not None:
-        pending = pending[:max_cells]
-    devices = ["cpu"] * workers
-    if cfg.device == "cuda" and evaluate_fn is None:
-        from hasched.study.build import resolve_device
+    check_campaign_dir(out, cfg)
+    devices = _devices(cfg, workers, evaluate_fn)
+    if evaluate_fn is None:
+        _check_inputs(cfg, models_dir, data_dir, train)
+    with open_store(out, cfg, log=log) as out:
+        cells = expand_grid(cfg)
+        done = _finished(out, cells)
+        pending = [c for c in cells if c.key not in done]
+        if max_cells is not None:
+            pending = pending[:max_cells]
+        if pending and evaluate_fn is None:
+            from hasched.zoo.train import load_or_train
 
-        resolve_device("cuda")
-        import torch
+            for seed in cfg.seeds:  # train missing checkpoints once, before any worker starts
+                load_or_train(cfg.model, seed, models_dir, data_dir, progress=progress, log=log,
+                              train=train)
+        t0 = time.perf_counter()
+        computed = _compute(cfg, out, cells, len(done), pending, devices[:len(pending)],
+                            evaluate_fn, models_dir, data_dir, progress)
+        seconds = time.perf_counter() - t0
+        df, _ = write_tables(out)
+    return {"cells": len(cells), "done_before": len(done), "computed": computed,
+            "rows": len(df), "seconds": seconds,
+            "complete": len(done) + computed == len(cells)}
 
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    n_proc = min(len(devices), len(pending))
-    if pending and evaluate_fn is None:
-        from hasched.zoo.train import load_or_train
 
-        for seed in cfg.seeds:  # train missing checkpoints once, before any worker starts
-            load_or_train(cfg.model, seed, models_dir, data_dir, progress=progress, log=log)
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(cells), initial=len(done),
-               desc=f"sensitivity {cfg.model}", unit="cell", disable=not progress,
-               dynamic_ncols=True)
+def _compute(cfg: CampaignConfig, out: Path, cells: list[Cell], n_done: int,
+             pending: list[Cell], devices: list[str], evaluate_fn: Evaluate | None,
+             models_dir, data_dir, progress: bool) -> int:
+    """Evaluates the pending cells, saving each as it finishes; returns how many."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(cells), initial=n_done, desc=f"sensitivity {cfg.model}", unit="cell",
+               disable=not progress, dynamic_ncols=True)
     computed = 0
     by_key = {c.key: c for c in cells}
 
@@ -498,13 +551,14 @@ def run_campaign(
         nonlocal computed
         cell = by_key[key]
         obj = {"key": key, "cell": asdict(cell), "rows": _rows(cfg, cell, res)}
-        _atomic_write_text(_part_path(out, cell), json.dumps(obj) + "\n")
+        atomic_write(_part_path(out, cell), json.dumps(obj) + "\n")
         computed += 1
         bar.update(1)
 
     try:
-        if n_proc <= 1:
-            _WORKER.update(models_dir=models_dir, data_dir=data_dir, device=devices[0])
+        if len(devices) <= 1:
+            _WORKER.update(models_dir=models_dir, data_dir=data_dir,
+                           device=devices[0] if devices else "cpu")
             try:
                 for cell in pending:
                     save(*_work((cfg, cell, evaluate_fn)))
@@ -515,18 +569,14 @@ def run_campaign(
 
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            for d in devices[:n_proc]:
+            for d in devices:
                 queue.put(d)
-            threads = max(1, (os.cpu_count() or 1) // n_proc)
-            with ctx.Pool(n_proc, initializer=_init_worker,
+            threads = max(1, (os.cpu_count() or 1) // len(devices))
+            with ctx.Pool(len(devices), initializer=_init_worker,
                           initargs=(queue, threads, models_dir, data_dir)) as pool:
                 jobs = ((cfg, c, evaluate_fn) for c in pending)
                 for key, res in pool.imap_unordered(_work, jobs):
                     save(key, res)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    df, _ = write_tables(out)
-    return {"cells": len(cells), "done_before": len(done), "computed": computed,
-            "rows": len(df), "seconds": seconds,
-            "complete": len(done) + computed == len(cells)}
+    return computed

@@ -14,11 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_out_dir, claim_out_dir
 from hasched.sim.evaluator import summarize
 from hasched.study.scenario import Scenario
 from hasched.study.schedule_search import SearchSettings, run_has_search
 
-__all__ = ["Case", "paper_cases", "QUICK", "FULL", "run_reproduce"]
+__all__ = ["Case", "paper_cases", "QUICK", "FULL", "check_reproduce_dir", "run_reproduce"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,31 @@ def plan_base() -> Scenario:
     return Scenario(repeats=3)
 
 
+def check_reproduce_dir(out: str | Path, quick: bool, base: Scenario | None = None) -> bool:
+    """The output-folder policy for ``reproduce`` (reads only): True when ``out`` is resumed.
+
+    A folder of an older hasched (no ``config.json``, only reproduce's own files) counts
+    as ours.
+    """
+    plan = "quick" if quick else "full"
+
+    def compatible(cfg: dict, path: Path) -> None:
+        if cfg.get("hasched") != "reproduce":
+            raise HaschedError(f"{path} is not a hasched reproduce config (another command's "
+                               "folder?); use another --out")
+        if cfg.get("plan") != plan:
+            raise HaschedError(f"{out} holds the {cfg.get('plan')} reproduce plan, not the "
+                               f"{plan} one; use another --out")
+        want = (base or plan_base()).to_dict()
+        if cfg.get("base", plan_base().to_dict()) != want:
+            raise HaschedError(f"{out} holds the cases on another accelerator or fault "
+                               "setting (--mapping, --arithmetic, ...); use another --out")
+
+    return check_out_dir(out, what="reproduce", compatible=compatible,
+                         legacy=lambda names: set(names) <= {"cases", "REPORT.md",
+                                                             "recovery-cases.png"})
+
+
 def run_reproduce(
     out: str | Path,
     quick: bool = False,
@@ -121,47 +148,64 @@ def run_reproduce(
     data_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    train: bool = False,
     base: Scenario | None = None,
 ) -> list[dict]:
     """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows.
 
-    ``base`` sets what the cases do not (mapping, arithmetic, fault parameters...): e.g.
-    ``Scenario(n_sms=10)`` reruns the cases on the authors' 10-SM configuration.
+    The folder policy, the device and every checkpoint of the plan are checked before
+    ``out`` is created (``train`` trains missing checkpoints instead); ``out`` is locked
+    against a second writer while the plan runs. ``base`` sets what the cases do not
+    (mapping, arithmetic, fault parameters...): e.g. ``Scenario(n_sms=10)`` reruns the
+    cases on the authors' 10-SM configuration.
     """
     base = base or plan_base()
     from hasched.report.search import plot_cases
+    from hasched.study.build import resolve_device
+    from hasched.zoo.train import require_checkpoint
 
     plan = QUICK if quick else FULL
     log = log or (lambda _m: None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_reproduce_dir(out, quick, base)
+    resolve_device(device)
+    if not train:
+        for model in dict.fromkeys(c.model for c in plan.cases):
+            for ms in plan.model_seeds:
+                require_checkpoint(model, ms, models_dir)
     t0 = time.perf_counter()
-    rows = []
-    for k, case in enumerate(plan.cases):
-        runs = []
-        for ms in plan.model_seeds:
-            for ps in plan.profile_seeds:
-                log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
-                s = replace(plan.settings, scenario=case.scenario(base, ms, ps), device=device)
-                runs.append(run_has_search(out / "cases" / case.slug / f"ms{ms}_ps{ps}", s,
-                                           models_dir=models_dir, data_dir=data_dir, log=log,
-                                           progress=progress))
-        row = {"case": case, "runs": len(runs),
-               "search_seconds": sum(r["search"]["search_seconds"] for r in runs)}
-        for key in ("clean", "identity", "has", "random"):
-            row[key] = _agg([r["results"][key] for r in runs])
-        row["recovery"] = _agg([{"mean": r["recovery"], "ci95": [r["recovery"]] * 2}
-                                for r in runs])
-        row["has_minus_random"] = _agg([{"mean": r["has_minus_random"],
-                                         "ci95": [r["has_minus_random"]] * 2} for r in runs])
-        rows.append(row)
-    plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
-                                                                 "random")}} for r in rows],
-               out / "recovery-cases.png")
-    wall = time.perf_counter() - t0
-    _write_report(out / "REPORT.md", plan, rows, wall, quick)
+    with claim_out_dir(out, {"hasched": "reproduce", "plan": "quick" if quick else "full",
+                             "base": base.to_dict()}, log=log):
+        rows = [_run_case(out, plan, k, case, device, models_dir, data_dir, log, progress,
+                          train, base) for k, case in enumerate(plan.cases)]
+        plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
+                                                                     "random")}} for r in rows],
+                   out / "recovery-cases.png")
+        wall = time.perf_counter() - t0
+        _write_report(out / "REPORT.md", plan, rows, wall, quick)
     log(f"wrote {out / 'REPORT.md'} ({wall:.0f} s)")
     return rows
+
+
+def _run_case(out: Path, plan: Plan, k: int, case: Case, device: str, models_dir, data_dir,
+              log: Callable[[str], None], progress: bool, train: bool, base: Scenario) -> dict:
+    """Every seed combination of one case (each its own resumable search folder)."""
+    runs = []
+    for ms in plan.model_seeds:
+        for ps in plan.profile_seeds:
+            log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
+            s = replace(plan.settings, scenario=case.scenario(base, ms, ps), device=device)
+            runs.append(run_has_search(out / "cases" / case.slug / f"ms{ms}_ps{ps}", s,
+                                       models_dir=models_dir, data_dir=data_dir, log=log,
+                                       progress=progress, train=train))
+    row = {"case": case, "runs": len(runs),
+           "search_seconds": sum(r["search"]["search_seconds"] for r in runs)}
+    for key in ("clean", "identity", "has", "random"):
+        row[key] = _agg([r["results"][key] for r in runs])
+    row["recovery"] = _agg([{"mean": r["recovery"], "ci95": [r["recovery"]] * 2} for r in runs])
+    row["has_minus_random"] = _agg([{"mean": r["has_minus_random"],
+                                     "ci95": [r["has_minus_random"]] * 2} for r in runs])
+    return row
 
 
 def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: bool) -> None:
@@ -199,4 +243,4 @@ def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: 
         "recovery.png, summary.md) are under `cases/<case>/ms<model seed>_ps<profile seed>/`.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))

@@ -15,14 +15,17 @@
 
 Every run checkpoints each generation to ``out/ckpt/``; calling again with the same settings
 resumes from the last completed generation (bit-for-bit the uninterrupted result) and a
-finished folder is returned from its ``summary.json`` at once. Other settings for an existing
-folder are refused.
+finished folder is returned from its ``summary.json`` at once. The folder follows
+:func:`hasched.io.check_out_dir`: other settings, another command's folder or a user's
+non-empty folder are refused, everything is checked before the folder is created, every
+file is written atomically and a running search holds the folder's lock.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_out_dir, claim_out_dir, read_json, require
 from hasched.search import (
     GAConfig,
     PermutationProblem,
@@ -45,7 +49,8 @@ from hasched.seeds import derive_seed
 from hasched.sim.evaluator import FaultyEvaluator, summarize
 from hasched.study.scenario import Scenario
 
-__all__ = ["SearchSettings", "ScheduleProblem", "check_disjoint", "run_has_search"]
+__all__ = ["SearchSettings", "ScheduleProblem", "check_demo_dir", "check_disjoint",
+           "check_search_dir", "prepare_search", "run_has_search"]
 
 def mix_seed(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (see :func:`hasched.seeds.derive_seed`)."""
@@ -191,6 +196,64 @@ def _history_rows(algorithm: str, results: list[SearchResult], seeds: list[int])
             for i, (r, sd) in enumerate(zip(results, seeds, strict=True)) for h in r.history]
 
 
+def check_search_dir(out: str | Path, s: SearchSettings) -> bool:
+    """The output-folder policy for a search (reads only): True when ``out`` is resumed.
+
+    Raises:
+        HaschedError: ``out`` is a file, foreign, or holds a search with other settings.
+    """
+    want = json.loads(json.dumps(s.key()))
+
+    def compatible(saved: dict, path: Path) -> None:
+        if not {"scenario", "algorithm", "search_images"} <= set(saved):
+            raise HaschedError(f"{path} is not a hasched search's config (another command's "
+                               "folder?); use another --out")
+        if saved != want:
+            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            raise HaschedError(f"{out} holds a search with other settings ({', '.join(diff)});"
+                               " use another --out or delete it")
+
+    return check_out_dir(out, what="search", compatible=compatible)
+
+
+def check_demo_dir(out: str | Path, s: SearchSettings) -> bool:
+    """The output-folder policy of ``hasched demo`` (its folder and its ``search/``).
+
+    A demo folder of an older hasched (only ``models/`` and ``search/``) counts as ours.
+    """
+    def compatible(cfg: dict, path: Path) -> None:
+        if cfg.get("hasched") != "demo":
+            raise HaschedError(f"{path} is not a hasched demo config (another command's "
+                               "folder?); use another --out")
+
+    resumed = check_out_dir(out, what="demo", compatible=compatible,
+                            legacy=lambda names: set(names) <= {"models", "search"})
+    check_search_dir(Path(out) / "search", s)
+    return resumed
+
+
+def _read_summary(path: Path) -> dict:
+    summary = read_json(path, what="search summary")
+    require(summary, "results", dict, file=path)
+    return summary
+
+
+def prepare_search(s: SearchSettings, models_dir, data_dir, train: bool = False):
+    """Every check that needs no output folder: scenario, layers, device, images, model."""
+    from hasched.study.build import check_layers, load_images, resolve_device
+    from hasched.zoo.train import require_checkpoint
+
+    scn = s.scenario.validate()
+    check_layers(scn.model, [scn.layers])
+    dev = resolve_device(s.device)
+    data_s = load_images(scn.model, s.search_images, data_dir, dev)
+    data_h = load_images(scn.model, s.holdout_images, data_dir, dev)
+    check_disjoint(data_s[2], data_h[2])
+    if not train:
+        require_checkpoint(scn.model, scn.seed, models_dir)
+    return scn, dev, data_s, data_h
+
+
 def run_has_search(
     out: str | Path,
     settings: SearchSettings | None = None,
@@ -199,9 +262,13 @@ def run_has_search(
     data_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    train: bool = False,
     **overrides,
 ) -> dict:
     """Search a fault-aware schedule and evaluate it honestly; returns ``summary.json``'s dict.
+
+    Everything is checked before ``out`` is created; while the search runs, ``out`` is
+    locked against a second writer.
 
     Args:
         out: output folder (created; resumed when it holds a run with the same settings).
@@ -210,42 +277,43 @@ def run_has_search(
         models_dir, data_dir: checkpoint store and dataset folder.
         log: receives one-line status messages.
         progress: show tqdm bars on stderr.
+        train: train a missing checkpoint (else it is an error).
 
     Raises:
-        HaschedError: bad settings, overlapping image ranges, or ``out`` holding another run.
+        HaschedError: bad settings, overlapping image ranges, a missing checkpoint, ``out``
+            foreign or holding another run, or a failed write.
     """
-    from hasched.study.build import build_evaluator, load_images, resolve_device, save_schedule
+    from hasched.study.build import build_evaluator
 
     s = SearchSettings.make(settings, **overrides)
-    scn = s.scenario.validate()
     log = log or (lambda _m: None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path, sum_path = out / "config.json", out / "summary.json"
-    if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(json.dumps(s.key())):
-            diff = sorted(k for k in set(saved) | set(s.key()) if saved.get(k) != s.key().get(k))
-            raise HaschedError(f"{out} holds a search with other settings ({', '.join(diff)}); "
-                               "use another --out or delete it")
-        if sum_path.exists():
-            log(f"{out}: finished earlier; reading {sum_path}")
-            return json.loads(sum_path.read_text())
-    else:
-        cfg_path.write_text(json.dumps(s.key(), indent=1))
+    sum_path = out / "summary.json"
+    if check_search_dir(out, s) and sum_path.exists():
+        log(f"{out}: finished earlier; reading {sum_path}")
+        return _read_summary(sum_path)
+    scn, dev, data_s, data_h = prepare_search(s, models_dir, data_dir, train)
     t0 = time.perf_counter()
+    with claim_out_dir(out, s.key(), log=log):
+        if sum_path.exists():  # finished by another run between our check and our lock
+            return _read_summary(sum_path)
+        kw = dict(device=dev, models_dir=models_dir, data_dir=data_dir, log=log,
+                  progress=progress, train=train)
+        ev = build_evaluator(scn.replace(images=s.search_images), data=data_s, **kw)
+        ev_h = build_evaluator(scn.replace(images=s.holdout_images), data=data_h, **kw)
+        main, rand, seeds = _search(out, s, ev, progress, log)
+        results = _holdout(s, ev, ev_h, best_of(main), best_of(rand))
+        summary = _write_outputs(out, s, ev, data_s, data_h, dev, main, rand, seeds, results, t0)
+    r = summary["results"]
+    log(f"held-out ({ev_h.n_images} images, {s.holdout_repeats} repeats): clean "
+        f"{r['clean']['mean']:.4f} | identity {r['identity']['mean']:.4f} | HAS "
+        f"{r['has']['mean']:.4f} | random {r['random']['mean']:.4f} -> {out}")
+    return summary
 
-    dev = resolve_device(s.device)
-    data_s = load_images(scn.model, s.search_images, data_dir, dev)
-    data_h = load_images(scn.model, s.holdout_images, data_dir, dev)
-    check_disjoint(data_s[2], data_h[2])
-    ev = build_evaluator(scn.replace(images=s.search_images), device=dev,
-                         models_dir=models_dir, data_dir=data_dir, log=log, progress=progress,
-                         data=data_s)
-    ev_h = build_evaluator(scn.replace(images=s.holdout_images), device=dev,
-                           models_dir=models_dir, data_dir=data_dir, log=log,
-                           progress=progress, data=data_h)
 
+def _search(out: Path, s: SearchSettings, ev: FaultyEvaluator, progress: bool,
+            log: Callable[[str], None]) -> tuple[list[SearchResult], list[SearchResult], list]:
+    """The main searcher's runs and random search at the same budget, run by run."""
     seeds = [s.search_seed + i for i in range(s.runs)]
     ckdir = out / "ckpt"
     if s.algorithm == "ga":
@@ -262,30 +330,43 @@ def run_has_search(
         rand.append(_run_one(rs, ev, s, sd, 2, ckdir / f"random{i}.pt",
                              -(-budget // s.population), f"random run {i + 1}/{s.runs}", progress))
     main = main or rand
-    best, rbest = best_of(main), best_of(rand)
-    search_seconds = sum(r.seconds for r in main) + (sum(r.seconds for r in rand)
-                                                     if main is not rand else 0.0)
-    log(f"search done: best fitness {best.best_fitness:.4f} ({s.algorithm}), random "
-        f"{rbest.best_fitness:.4f}, {sum(r.evaluations for r in main)} evaluations")
+    log(f"search done: best fitness {best_of(main).best_fitness:.4f} ({s.algorithm}), random "
+        f"{best_of(rand).best_fitness:.4f}, {sum(r.evaluations for r in main)} evaluations")
+    return main, rand, seeds
 
-    # Held-out: identity, HAS best and random best in one batched call, fresh errors.
+
+def _holdout(s: SearchSettings, ev: FaultyEvaluator, ev_h: FaultyEvaluator,
+             best: SearchResult, rbest: SearchResult) -> dict:
+    """Identity, HAS best and random best on the held-out images, in one batched call."""
     ident = {k: torch.arange(n) for k, n in ev.rows.items()}
     perms = {k: torch.stack([ident[k], best.best[k], rbest.best[k]]) for k in ev.rows}
     g = torch.Generator(device=ev_h.device).manual_seed(s.holdout_seed)
     acc = ev_h.accuracy(perms, repeats=s.holdout_repeats, generator=g).tolist()  # (3, R)
     n_h = ev_h.n_images
     clean = ev_h.clean_accuracy
-    results = {
+    return {
         "clean": {"mean": clean, "std": 0.0, "ci95": [clean, clean], "repeats": 1,
                   "images": n_h, "values": [clean]},
         "identity": _stats(acc[0], n_h), "has": _stats(acc[1], n_h), "random": _stats(acc[2], n_h),
     }
-    lost = clean - results["identity"]["mean"]
-    gained = results["has"]["mean"] - results["identity"]["mean"]
 
+
+def _write_outputs(out: Path, s: SearchSettings, ev: FaultyEvaluator, data_s, data_h, dev,
+                   main: list[SearchResult], rand: list[SearchResult], seeds: list[int],
+                   results: dict, t0: float) -> dict:
+    """Schedules, history, figures, summary.md and, last, summary.json (each atomic)."""
+    from hasched.report.search import plot_convergence, plot_recovery, write_markdown
+    from hasched.study.build import save_schedule
+
+    scn = s.scenario
+    best, rbest = best_of(main), best_of(rand)
+    search_seconds = sum(r.seconds for r in main) + (sum(r.seconds for r in rand)
+                                                     if main is not rand else 0.0)
+    lost = results["clean"]["mean"] - results["identity"]["mean"]
+    gained = results["has"]["mean"] - results["identity"]["mean"]
     meta = {"model": scn.model, "seed": scn.seed, "layers": ev.layers, "error": scn.fault,
-            "fr_max": scn.fr_max, "profile_seed": scn.profile_seed,
-            "scenario": scn.to_dict(), "mapping": ev.mapping.describe(), "algorithm": s.algorithm,
+            "fr_max": scn.fr_max, "profile_seed": scn.profile_seed, "scenario": scn.to_dict(),
+            "mapping": ev.mapping.describe(), "algorithm": s.algorithm,
             "search_seed": s.search_seed, "search_images": data_s[2],
             "checkpoint": {k: ev.info["checkpoint"].get(k) for k in ("test_accuracy", "epochs")}}
     save_schedule(out / "schedule.json", best.best, **meta, fitness=best.best_fitness,
@@ -295,12 +376,12 @@ def run_has_search(
     rows = _history_rows(s.algorithm, main, seeds)
     if main is not rand:
         rows += _history_rows("random", rand, seeds)
-    with open(out / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["algorithm", "run", "seed", "generation", "evaluations",
-                               "best_fitness", "mean_fitness"])
-        w.writeheader()
-        w.writerows(rows)
-
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, ["algorithm", "run", "seed", "generation", "evaluations",
+                              "best_fitness", "mean_fitness"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "history.csv", text.getvalue())
     summary = {
         "settings": {**s.key(), "device": str(dev)},
         "layers": ev.layers, "rows": ev.rows,
@@ -318,16 +399,9 @@ def run_has_search(
         },
         "wall_seconds": time.perf_counter() - t0,
     }
-    from hasched.report.search import plot_convergence, plot_recovery, write_markdown
-
     plot_convergence(rows, out / "convergence.png",
                      title=f"{scn.model} {scn.layer_spec} {scn.fault} FR_max {scn.fr_max:g}")
     plot_recovery(summary, out / "recovery.png")
     write_markdown(summary, out / "summary.md")
-    tmp = sum_path.with_name("summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(sum_path)
-    log(f"held-out ({n_h} images, {s.holdout_repeats} repeats): clean {clean:.4f} | identity "
-        f"{results['identity']['mean']:.4f} | HAS {results['has']['mean']:.4f} | random "
-        f"{results['random']['mean']:.4f} -> {out}")
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     return summary

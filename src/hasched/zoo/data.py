@@ -16,9 +16,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import os
 import struct
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, make_dirs
 
 __all__ = [
     "Dataset",
@@ -347,7 +348,7 @@ def _download(folder_name: str, target: Path) -> None:
     Each file is written to a temporary file in ``target`` and renamed into place only once its
     checksum matches, so an interrupted download never leaves a half file under the real name.
     """
-    target.mkdir(parents=True, exist_ok=True)
+    make_dirs(target)
     for filename in _ALL_FILES:
         dest = target / filename
         if dest.is_file() and _md5_file(dest) == _MD5[folder_name][filename]:
@@ -364,19 +365,18 @@ def _download(folder_name: str, target: Path) -> None:
 
 
 def _fetch(url: str, dest: Path, md5: str, timeout: float = 60.0) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != md5:
-            raise ValueError(f"checksum mismatch (md5 {digest.hexdigest()}, expected {md5})")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # The files are at most ~30 MB: held in memory until the checksum matches, then written
+    # atomically (a network error is an OSError, tried on the next mirror; a failed write
+    # is a HaschedError naming the file, which ends the download).
+    digest = hashlib.md5(usedforsecurity=False)
+    buf = io.BytesIO()
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            buf.write(chunk)
+    if digest.hexdigest() != md5:
+        raise ValueError(f"checksum mismatch (md5 {digest.hexdigest()}, expected {md5})")
+    atomic_write(dest, buf.getvalue())
 
 
 def _md5_file(path: Path) -> str:

@@ -65,8 +65,8 @@ def load_model(
         seed: Model seed: which stored/trained instance, or the seed of random weights.
         models_dir: Checkpoint store, see :func:`hasched.zoo.train.resolve_models_dir`.
         data_dir: Dataset location (for training).
-        train: Train (and store) a torchvision/``module:`` model the store does not hold.
-            Registered models are always trained on first use.
+        train: Train (and store) a model the store does not hold (otherwise a missing
+            checkpoint is an error: training takes minutes).
         init_only: Random weights from ``seed`` (builder's init); nothing is read or stored.
         epochs: Epoch override when training.
         train_subset: Train on the first N training images only.
@@ -91,7 +91,7 @@ def load_model(
         return model, _meta(ref, seed, "random-init")
     if ref.kind == "registered":
         model, meta = load_or_train_ref(ref, seed, models_dir, data_dir, progress, log,
-                                        epochs=epochs, train_subset=train_subset)
+                                        epochs=epochs, train_subset=train_subset, train=train)
         return model, {**meta, "weights": "trained"}
     try:
         model, meta = load_stored(ref, seed, models_dir)

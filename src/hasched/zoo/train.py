@@ -14,10 +14,10 @@ explicit argument, else ``$HASCHED_MODELS_DIR``, else ``~/.cache/hasched/models`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +27,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_out_dir, make_dirs, read_json, require
 from hasched.zoo.data import Dataset, dataset_classes, load_dataset
 from hasched.zoo.fit import check_outputs, evaluate_accuracy, fit, recalibrate_batchnorm
 from hasched.zoo.models import GENERIC_RECIPE, TrainRecipe, get_model_spec, init_weights
@@ -40,15 +42,19 @@ from hasched.zoo.weights import load_strict
 __all__ = [
     "CheckpointNotFoundError",
     "TrainConfig",
+    "check_store",
     "checkpoint_dir",
     "evaluate_accuracy",
     "load_checkpoint",
     "load_or_train",
     "load_or_train_ref",
     "load_stored",
+    "missing_checkpoint_message",
     "recipe_for",
+    "require_checkpoint",
     "resolve_models_dir",
     "save_checkpoint",
+    "stored_seeds",
     "train_model",
     "train_ref",
 ]
@@ -254,17 +260,44 @@ def checkpoint_dir(model_name: str, seed: int, models_dir: str | Path | None = N
     return resolve_models_dir(models_dir) / model_name / f"seed{seed}"
 
 
-def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    # Write next to the destination then rename, so readers never see a half-written file
-    # and a crash leaves the previous version intact.
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
+def stored_seeds(model_name: str, models_dir: str | Path | None = None) -> list[int]:
+    """Seeds of ``model_name`` that have a checkpoint folder in the store."""
+    folder = resolve_models_dir(models_dir) / model_name
     try:
-        write(Path(tmp))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(int(n[4:]) for n in names
+                  if n.startswith("seed") and n[4:].isdigit() and (folder / n / _META).is_file())
+
+
+def check_store(model_name: str, seed: int, models_dir: str | Path | None = None) -> Path:
+    """The store policy, checked before a training run rather than after it.
+
+    The checkpoint folder must be new, empty or hold only checkpoint files; the store
+    itself may hold anything else.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        HaschedError: The store or the folder is (or lies under) a file, or the folder
+            holds files that are not a checkpoint's.
+    """
+    store = resolve_models_dir(models_dir)
+    if store.exists() and not store.is_dir():  # say so about the store, not a folder inside
+        raise HaschedError(f"--models-dir {store} is a file, not a folder; use another "
+                           "--models-dir")
+    folder = checkpoint_dir(model_name, seed, models_dir)
+    check_out_dir(folder, what="checkpoint", option="--models-dir",
+                  compatible=lambda _cfg, path: _foreign_store_file(path),
+                  legacy=lambda names: set(names) <= {_WEIGHTS, _META})
+    return folder
+
+
+def _foreign_store_file(path: Path) -> None:
+    raise HaschedError(f"{path} is not a checkpoint file, so {path.parent} is not a "
+                       "checkpoint folder; use another --models-dir")
 
 
 def save_checkpoint(
@@ -272,16 +305,56 @@ def save_checkpoint(
 ) -> Path:
     """Store ``model``'s weights and ``meta`` under ``meta["model"]`` / ``meta["seed"]``.
 
+    Each file is replaced atomically; if the second cannot be written, a first one that
+    had no predecessor is removed again, so no half checkpoint is left.
+
     Returns:
         The checkpoint folder.
+
+    Raises:
+        HaschedError: The folder is not a checkpoint folder, or a write failed (full or
+            read-only disk).
     """
-    folder = checkpoint_dir(meta["model"], int(meta["seed"]), models_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = check_store(meta["model"], int(meta["seed"]), models_dir)
+    make_dirs(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / _WEIGHTS, lambda p: save_file(state, str(p)))
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / _META, lambda p: p.write_text(text, encoding="utf-8"))
+    had_weights = (folder / _WEIGHTS).exists()
+    atomic_write(folder / _WEIGHTS, save_safetensors(state))
+    try:
+        atomic_write(folder / _META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    except HaschedError:
+        if not had_weights:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / _WEIGHTS)
+        raise
     return folder
+
+
+def _check_meta(meta: Any, meta_path: Path, model_name: str, seed: int, hint: str) -> None:
+    """Schema of ``meta.json``: an object for this model and seed, numbers where numbers go."""
+    try:
+        require(meta, "model", str, file=meta_path)
+        require(meta, "seed", int, file=meta_path)
+        require(meta, "test_accuracy", float, file=meta_path, default=None)
+        require(meta, "epochs", float, file=meta_path, default=None)
+    except HaschedError as err:
+        raise HaschedError(f"corrupt checkpoint metadata {err}{hint}") from None
+    if meta["model"] != model_name or meta["seed"] != seed:
+        raise HaschedError(
+            f"checkpoint metadata {meta_path} is not for {model_name} seed {seed}{hint}"
+        )
+
+
+def _check_finite(state: dict[str, torch.Tensor], weights: Path, hint: str) -> None:
+    """A header can be valid while the numbers are NaN: check every float tensor."""
+    for key, tensor in state.items():
+        # NaN and inf propagate into the sum, so one cheap reduction clears a tensor; only
+        # a suspect one (or one whose finite values overflow the sum) is counted exactly.
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise HaschedError(f"checkpoint {weights} has {bad} non-finite (NaN or inf) "
+                                   f"values in {key}{hint}")
 
 
 def load_checkpoint(
@@ -318,19 +391,46 @@ def load_stored(
             )
     hint = f"; delete {folder} to retrain"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HaschedError(f"corrupt checkpoint metadata {meta_path}: {exc}{hint}") from None
-    if not isinstance(meta, dict) or meta.get("model") != name or meta.get("seed") != seed:
-        raise HaschedError(f"checkpoint metadata {meta_path} is not for {name} seed {seed}{hint}")
+        meta = read_json(meta_path, what="checkpoint metadata")
+    except HaschedError as exc:
+        raise HaschedError(f"corrupt {exc}{hint}") from None
+    _check_meta(meta, meta_path, name, seed, hint)
     try:
         state = load_file(str(weights))
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise HaschedError(f"corrupt checkpoint weights {weights}: {exc}{hint}") from None
+    _check_finite(state, weights, hint)
     model = build_model(ref, seed)
     load_strict(model, state, weights, name, hint=hint)
     model.eval()
     return model, meta
+
+
+def missing_checkpoint_message(
+    model_name: str, seed: int, models_dir: str | Path | None = None
+) -> str:
+    """Says which checkpoint is missing, which seeds the store has and how to train it."""
+    store = resolve_models_dir(models_dir)
+    seeds = stored_seeds(model_name, models_dir)
+    have = (f"it has {model_name} seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}" if seeds else f"it has no {model_name} checkpoint")
+    return (f"no checkpoint for {model_name} seed {seed} in the store {store} ({have}); "
+            f"train it with `hasched train --model {model_name} --seed {seed} --models-dir "
+            f"{store}` (~20-30 min on 2 cores) or add --train")
+
+
+def require_checkpoint(model_name: str, seed: int, models_dir: str | Path | None = None) -> None:
+    """Loads the checkpoint once to check it (missing, corrupt, NaN) before any output exists.
+
+    Raises:
+        CheckpointNotFoundError: Missing (the message names the seeds stored).
+        HaschedError: Present but unusable.
+    """
+    try:
+        load_checkpoint(model_name, seed, models_dir)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            missing_checkpoint_message(model_name, seed, models_dir)) from None
 
 
 def load_or_train(
@@ -342,13 +442,12 @@ def load_or_train(
     log: Callable[[str], None] | None = None,
     *,
     epochs: int | None = None,
+    train: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a registered model's stored checkpoint, or train and store it on first use.
-
-    See :func:`load_or_train_ref`.
-    """
+    """Load a registered model's stored checkpoint; train and store it only when ``train``
+    is set (see :func:`load_or_train_ref`)."""
     return load_or_train_ref(ModelRef(model_name), seed, models_dir, data_dir, progress, log,
-                             epochs=epochs)
+                             epochs=epochs, train=train)
 
 
 def load_or_train_ref(
@@ -361,9 +460,12 @@ def load_or_train_ref(
     *,
     epochs: int | None = None,
     train_subset: int | None = None,
+    train: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the stored checkpoint, or train and store it on first use.
+    """Load the stored checkpoint; train and store it only when ``train`` is set.
 
+    Training takes minutes (the full recipe ~20-30 min on 2 cores), so a missing
+    checkpoint (e.g. a mistyped seed) is an error unless the caller asked for training.
     A corrupt checkpoint is reported, never silently overwritten. ``epochs`` and
     ``train_subset`` only apply when training; an existing checkpoint is returned whatever
     it was trained with.
@@ -374,18 +476,26 @@ def load_or_train_ref(
         models_dir: Checkpoint root, see :func:`resolve_models_dir`.
         data_dir: Dataset location for training.
         progress: Show a progress bar while training.
-        log: Called with a one-line message when training is needed.
+        log: Called with a one-line message when training starts.
         epochs: Epoch override for training (see :func:`train_ref`).
         train_subset: Train on the first N training images only.
+        train: Train a missing checkpoint instead of raising.
 
     Returns:
         ``(model, meta)`` with the model in eval mode.
+
+    Raises:
+        CheckpointNotFoundError: Missing and ``train`` is False; the message names the
+            store, the seeds it has and the command that trains the missing one.
     """
     try:
         return load_stored(ref, seed, models_dir)
     except CheckpointNotFoundError:
-        pass
-    folder = checkpoint_dir(ref.store_name, seed, models_dir)
+        if not train:
+            raise CheckpointNotFoundError(
+                missing_checkpoint_message(ref.store_name, seed, models_dir)) from None
+    folder = check_store(ref.store_name, seed, models_dir)  # before, not after, training
+    make_dirs(folder)  # a read-only store fails now, too
     if log is not None:
         log(f"no checkpoint for {ref.store_name} seed {seed}: training it now (stored in"
             f" {folder})")
