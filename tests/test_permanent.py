@@ -174,3 +174,30 @@ def test_a_chip_with_a_schedule_moves_faults_with_the_rows():
     assert torch.allclose(ours, unpermuted, rtol=1e-6, atol=1e-6)
     assert np.any(chip.faulty)
     _ = Word  # (the fault words are covered in test_faults)
+
+
+@pytest.mark.parametrize("k_order", ["chw", "hwc"])
+def test_fap_masks_are_the_weights_dead_pes_drop(k_order):
+    """Pruning the masked weights == running the chip with dead PEs (product site)."""
+    from hasched.sim.fap import apply_masks, faulty_weight_masks
+    from hasched.sim.layers import inject_faults
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(5 * 4 * 4, 7)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    sa = Systolic(4, 4, k_order=k_order)
+    chip = create_fault("dead", site="product").sample_chip(sa.pe_shape, 0.3, 2)
+    perms = {"0": torch.randperm(5), "3": torch.randperm(7)}
+    masks = faulty_weight_masks(model, ["0", "3"], sa, chip, perms, {"3": (5, 4, 4)})
+    assert 0 < int(masks["0"].sum()) < masks["0"].numel()
+    rates = torch.from_numpy(chip.faulty.reshape(-1) * 1.0)
+    faulty, st = inject_faults(model, ["0", "3"], sa, rates, ChipFault(chip),
+                               spatial={"3": (5, 4, 4)})
+    st.configure({k: v[None] for k, v in perms.items()}, 1)
+    with torch.no_grad():
+        out = faulty(x)
+        pruned = __import__("copy").deepcopy(model)
+        apply_masks(pruned, masks)
+        ref = pruned(x)
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -27,14 +27,16 @@ from idx_files import FILES, write_idx
 KNOWN = ["c0", "h0", "h1", "h2", "op"]
 
 # what each command sets itself instead of taking it as an option
+MODEL = {"--model", "--seed", "--torchvision", "--module", "--checkpoint", "--num-classes",
+         "--dataset"}
 EXCLUDED = {
     "evaluate": set(),
     "sensitivity": {"--error-seed"},
     "search": {"--images"},
-    "bench": {"--images", "--model"},  # bench has its own --model/--images for the suite
-    "demo": {"--model", "--seed", "--images"},
-    "reproduce": {"--model", "--seed", "--layers", "--fault", "--fr-max", "--profile-seed",
-                  "--images", "--error-seed"},
+    "bench": {"--images"} | MODEL,  # bench times the paper model's suite
+    "demo": {"--images"} | MODEL,  # the demo trains its own mnist32-cnn
+    "reproduce": {"--layers", "--fault", "--fr-max", "--profile-seed", "--images",
+                  "--error-seed"} | MODEL,  # the paper's cases set these
 }
 
 
@@ -188,3 +190,34 @@ def test_chips_command_and_chip_files(store, capsys, monkeypatch, tmp_path):
 def test_bad_scenarios_are_one_line(store, capsys, monkeypatch, args, needle):
     code, _, err = cli(["evaluate", "--images", "16", *args], capsys, monkeypatch, store)
     one_error(code, err, needle)
+
+
+def test_any_model_end_to_end_from_the_cli(store, capsys, monkeypatch, tmp_path):
+    """torchvision resnet18 and a user's module:fn, each with a checkpoint file."""
+    from safetensors.torch import save_file
+
+    from hasched.zoo.ref import ModelRef, build_model
+
+    (tmp_path / "hz_user_net.py").write_text(
+        "import torch.nn as nn\n\ndef build(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(4 * 26 * 26, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for src, layer in (("torchvision:resnet18", "layer1.0.conv2"),
+                       ("module:hz_user_net:build", "0")):
+        ref = ModelRef(src, dataset="mnist")
+        ckpt = tmp_path / f"{src.split(':')[1]}.safetensors"
+        save_file({k: v.contiguous() for k, v in build_model(ref, 0).state_dict().items()},
+                  str(ckpt))
+        flag = ["--torchvision", "resnet18"] if src.startswith("torch") else \
+            ["--module", "hz_user_net:build"]
+        code, out, err = cli(["evaluate", *flag, "--dataset", "mnist", "--checkpoint",
+                              str(ckpt), "--layers", layer, "--fr-max", "1e-3", "--images",
+                              "16", "--repeats", "2", "--json"], capsys, monkeypatch, store)
+        assert code == 0, err
+        rec = json.loads(out)
+        assert rec["scenario"]["model"] == src and rec["layers"] == [layer]
+        assert rec["path"] == ("dense-expanded" if "resnet" in src else "incremental")
+    code, _, err = cli(["evaluate", "--torchvision", "resnet18", "--model", "mlp"], capsys,
+                       monkeypatch, store)
+    one_error(code, err, "one model source")

@@ -228,7 +228,8 @@ def evaluate(
     from hasched.study.build import evaluate as run_eval
     from hasched.study.scenario import parse_layer_groups
 
-    groups = parse_layer_groups(scn["layers"], model_layer_names(scn["model"]))
+    carrier = scenario_from(scn, layers=("?",))  # the model reference, before the groups
+    groups = parse_layer_groups(scn["layers"], model_layer_names(carrier))
     scenarios = [scenario_from(scn, layers=g).validate() for g in groups]
     if schedule is not None:
         read_schedule(schedule)  # a malformed file fails before the model is loaded
@@ -272,7 +273,7 @@ def sensitivity(
     swept = ("seed", "layers", "fault", "fr_max", "profile_seed", "images", "repeats")
     base = scenario_from({k: v for k, v in scn.items() if k not in swept})
     images = scn["images"]
-    cfg = CampaignConfig.from_args(scn["model"], scn["seed"], scn["layers"], scn["fault"],
+    cfg = CampaignConfig.from_args(base.model, scn["seed"], scn["layers"], scn["fault"],
                                    scn["fr_max"], scn["profile_seed"], scn["repeats"],
                                    None if images == "all" else images, device, base=base)
     res = run_campaign(cfg, out, workers=workers, models_dir=models_dir, data_dir=data_dir,
@@ -341,8 +342,8 @@ def search(
     typer.echo(f"report: {Path(out) / 'summary.md'}")
 
 
-_CASE_FIELDS = ("model", "seed", "layers", "fault", "fr_max", "profile_seed", "images",
-                "error_seed")
+_CASE_FIELDS = ("model", "seed", "torchvision", "module", "checkpoint", "num_classes",
+                "dataset", "layers", "fault", "fr_max", "profile_seed", "images", "error_seed")
 
 
 @app.command()
@@ -368,7 +369,8 @@ def reproduce(
 
 
 @app.command()
-@scenario_options(exclude=("model", "images"))
+@scenario_options(exclude=("model", "seed", "torchvision", "module", "checkpoint",
+                           "num_classes", "dataset", "images"))
 def bench(
     scn: dict,
     device: DeviceOpt = "cpu",
@@ -400,7 +402,8 @@ def bench(
 
 
 @app.command()
-@scenario_options(exclude=("model", "seed", "images"))
+@scenario_options(exclude=("model", "seed", "torchvision", "module", "checkpoint",
+                           "num_classes", "dataset", "images"))
 def demo(
     scn: dict,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),

@@ -31,6 +31,19 @@ _SCALAR = {
     "model": (Annotated[str, _opt("--model", "-m", help="Registered model (hasched list).")],
               "mnist32-cnn"),
     "seed": (Annotated[int, _opt("--seed", help="Model seed (one trained instance).")], 1),
+    "torchvision": (Annotated[typing.Optional[str], _opt(  # noqa: UP045
+        "--torchvision", help="A torchvision model instead of --model (bundled equivalents "
+        "here: resnet18, mobilenet_v3_small).")], None),
+    "module": (Annotated[typing.Optional[str], _opt(  # noqa: UP045
+        "--module", help="PKG.MODULE:FUNCTION returning an nn.Module, instead of --model.")],
+        None),
+    "checkpoint": (Annotated[typing.Optional[Path], _opt(  # noqa: UP045
+        "--checkpoint", help="Weights file (.safetensors/.pt) instead of the store.")], None),
+    "num_classes": (Annotated[typing.Optional[int], _opt(  # noqa: UP045
+        "--num-classes", help="Outputs of a torchvision/module model.")], None),
+    "dataset": (Annotated[typing.Optional[str], _opt(  # noqa: UP045
+        "--dataset", help="mnist, mnist32 or fashion-mnist (torchvision/module models).")],
+        None),
     "layers": (Annotated[str, _opt(
         "--layers", help="Layers on the accelerator: c0 | c0+h2 (faulty together) | all "
         "(every layer together); a comma separates groups evaluated one after the other; "
@@ -158,10 +171,17 @@ def scenario_from(scn: dict, layers: tuple[str, ...] | None = None, **override):
 
     d = dict(scn)
     d.update(override)
+    sources = [f"{k}:{d[k]}" for k in ("torchvision", "module") if d.get(k)]
+    d.pop("torchvision", None)
+    d.pop("module", None)
+    if sources:
+        if len(sources) > 1 or d.get("model", "mnist32-cnn") != "mnist32-cnn":
+            raise HaschedError("give one model source: --model, --torchvision or --module")
+        d["model"] = sources[0]
     if "fault" in d:
         d["fault"], params = parse_fault(d["fault"])
         d["fault_params"] = params
-    for key in ("profile", "chip"):
+    for key in ("profile", "chip", "checkpoint"):
         if d.get(key) is not None:
             d[key] = str(d[key])
     if layers is not None:

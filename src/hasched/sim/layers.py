@@ -51,6 +51,7 @@ __all__ = [
     "weight_layer_names",
     "faulty_layers",
     "row_rates",
+    "gemm_shape_of",
 ]
 
 FAULTY_LAYERS: Registry[type] = Registry("faulty layer type")
@@ -267,11 +268,7 @@ class FaultyLinear(FaultyLayer):
     """``nn.Linear`` on the accelerator: ``W (R, K) @ X (K, T)`` per sample, ``T`` positions."""
 
     def gemm_shape(self) -> GemmShape:
-        R, K = self.orig.out_features, self.orig.in_features
-        if self.spatial is not None:  # fed by a flattened (C, H, W) map
-            c, h, w = self.spatial
-            return GemmShape(R, K, taps=h * w, channels=c, spatial_input=True)
-        return GemmShape(R, K)
+        return gemm_shape_of(self.orig, self.spatial)
 
     def _x3(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, K)
@@ -301,10 +298,7 @@ class FaultyConv(FaultyLayer):
         return self.orig.groups
 
     def gemm_shape(self) -> GemmShape:
-        c = self.orig
-        taps = int(torch.tensor(c.kernel_size).prod())
-        return GemmShape(c.out_channels, c.in_channels // c.groups * taps, taps=taps,
-                         channels=c.in_channels // c.groups)
+        return gemm_shape_of(self.orig)
 
     def _as2d(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, :, None, :] if isinstance(self.orig, nn.Conv1d) else x
@@ -361,6 +355,26 @@ class FaultyConv(FaultyLayer):
         h, w = self._as2d(x[:1, :1]).shape[-2:]
         xp = self._pad(torch.zeros(1, 1, h, w, device=x.device))
         return xp.shape[-2], xp.shape[-1]
+
+
+def gemm_shape_of(module: nn.Module, spatial: tuple[int, int, int] | None = None) -> GemmShape:
+    """The GEMM of a Linear or convolution (per group).
+
+    Args:
+        module: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``.
+        spatial: For a Linear fed by a flattened ``(C, H, W)`` map, that shape.
+    """
+    if isinstance(module, nn.Linear):
+        R, K = module.out_features, module.in_features
+        if spatial is not None:
+            c, h, w = spatial
+            return GemmShape(R, K, taps=h * w, channels=c, spatial_input=True)
+        return GemmShape(R, K)
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        taps = int(torch.tensor(module.kernel_size).prod())
+        cg = module.in_channels // module.groups
+        return GemmShape(module.out_channels, cg * taps, taps=taps, channels=cg)
+    raise HaschedError(f"{type(module).__name__} has no GEMM hasched can map")
 
 
 # ------------------------------------------------------------------------- input views

@@ -23,9 +23,7 @@ from hasched.io import atomic_write, check_type, read_json, require
 from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
 from hasched.sim.layers import weight_layer_names
 from hasched.study.scenario import Scenario, parse_layer_groups
-from hasched.zoo.data import load_dataset, parse_image_range
-from hasched.zoo.models import create_model, get_model_spec
-from hasched.zoo.train import load_or_train
+from hasched.zoo.data import parse_image_range
 
 __all__ = [
     "resolve_device",
@@ -77,31 +75,53 @@ def check_image_spec(spec: str, option: str = "--images") -> None:
                            f"{text!r}") from None
 
 
+def _ref(model: str | Scenario):
+    from hasched.zoo.ref import ModelRef
+
+    return model.model_ref() if isinstance(model, Scenario) else ModelRef(model)
+
+
 def load_images(
-    model_name: str,
+    model: str | Scenario,
     spec: str | int | None = None,
     data_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Test images of the model's dataset: ``(images, labels, info)``."""
-    ds = load_dataset(get_model_spec(model_name).dataset, "test", data_dir)
-    sl = parse_image_range(spec, len(ds))
-    info = {"dataset": ds.name, "fingerprint": ds.fingerprint, "start": sl.start,
-            "stop": sl.stop}
-    return ds.images[sl].to(device), ds.labels[sl].to(device), info
+    """Test images of the model's dataset, shaped for it: ``(images, labels, info)``."""
+    from hasched.zoo.load import eval_data
+
+    return eval_data(_ref(model), spec, data_dir, device)
 
 
-def model_layer_names(model_name: str) -> list[str]:
-    """Accelerable layer names of a registered model (no weights are loaded)."""
-    with torch.random.fork_rng():  # building a model draws from the global RNG
-        return weight_layer_names(create_model(model_name))
+def model_layer_names(model: str | Scenario) -> list[str]:
+    """Accelerable layer names of a model (no weights are loaded)."""
+    from hasched.zoo.ref import build_model
+
+    return weight_layer_names(build_model(_ref(model), 0))
 
 
-def calibration_images(model_name: str, data_dir: str | Path | None, device,
+def require_model(scn: Scenario, models_dir: str | Path | None = None) -> None:
+    """Checks the scenario's model can be loaded (missing, corrupt or NaN checkpoint) before
+    any output exists; a checkpoint file is loaded strictly."""
+    from hasched.zoo.load import load_model
+    from hasched.zoo.train import require_stored
+
+    ref = scn.model_ref()
+    if ref.checkpoint is not None:
+        load_model(ref, scn.seed)
+    else:
+        require_stored(ref, scn.seed, models_dir)
+
+
+def calibration_images(model: str | Scenario, data_dir: str | Path | None, device,
                        n: int = 512) -> torch.Tensor:
     """The first ``n`` training images of the model's dataset (int8 activation scales)."""
-    ds = load_dataset(get_model_spec(model_name).dataset, "train", data_dir)
-    return ds.images[:n].to(device)
+    from hasched.zoo.data import load_dataset
+    from hasched.zoo.load import eval_data
+
+    ref = _ref(model)
+    n = min(n, len(load_dataset(ref.dataset, "train", data_dir)))
+    return eval_data(ref, f":{n}", data_dir, device, split="train")[0]
 
 
 def build_evaluator(
@@ -124,14 +144,15 @@ def build_evaluator(
     (training takes minutes).
     """
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    from hasched.zoo.load import load_model
+
     scn.validate()
-    model, meta = load_or_train(scn.model, scn.seed, models_dir=models_dir, data_dir=data_dir,
-                                progress=progress, log=log, train=train)
+    model, meta = load_model(scn.model_ref(), scn.seed, models_dir=models_dir,
+                             data_dir=data_dir, train=train, log=log, progress=progress)
     parse_layer_groups([scn.layers], weight_layer_names(model))
-    x, y, img_info = data if data is not None else load_images(scn.model, scn.images,
-                                                               data_dir, dev)
+    x, y, img_info = data if data is not None else load_images(scn, scn.images, data_dir, dev)
     arith = scn.arithmetic_obj()
-    calib = calibration_images(scn.model, data_dir, dev) if arith.needs_calibration else None
+    calib = calibration_images(scn, data_dir, dev) if arith.needs_calibration else None
     fault, profile, chip = scn.fault_data()
     ev = FaultyEvaluator(model, x.to(dev), y.to(dev), list(scn.layers), fault, profile,
                          chip=chip, mapping=scn.mapping_obj(), arithmetic=arith,
@@ -165,7 +186,7 @@ def accuracy_mismatch(clean: float, meta: dict, images: dict, tolerance: float =
             f"records {100 * recorded:.1f} %; the weights may be damaged or from another run")
 
 
-def check_layers(model_name: str, spec: str | list[str]) -> list[tuple[str, ...]]:
+def check_layers(model_name: str | Scenario, spec: str | list) -> list[tuple[str, ...]]:
     """Validates layer groups against a registered model without loading any checkpoint."""
     return parse_layer_groups(spec, model_layer_names(model_name))
 

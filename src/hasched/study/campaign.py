@@ -153,16 +153,6 @@ def _name(spec: str) -> str:
     return spec.partition(":")[0]
 
 
-def _model_layers(model: str) -> list[str]:
-    import torch
-
-    from hasched.sim.layers import weight_layer_names
-    from hasched.zoo.models import create_model
-
-    with torch.random.fork_rng():  # creating a model draws from the global RNG
-        return weight_layer_names(create_model(model))
-
-
 @dataclass(frozen=True)
 class CampaignConfig:
     """What a campaign computes (its identity; workers and progress are not part of it).
@@ -211,9 +201,11 @@ class CampaignConfig:
         parameters, metric...); its model, seed, layers, fault, rates and images are
         replaced per cell.
         """
+        from hasched.study.build import model_layer_names
         from hasched.study.scenario import parse_layer_groups
 
-        groups = parse_layer_groups(layers, _model_layers(model))
+        groups = parse_layer_groups(layers, model_layer_names((base or Scenario()).replace(
+            model=model)))
         errs = _errors(errors)
         frs = _rates(fr_max, errs)
         if int(repeats) < 1:
@@ -432,7 +424,7 @@ def _default_evaluate(cfg: CampaignConfig, cell: Cell) -> dict:
     device = _WORKER.get("device", cfg.device)
     dkey = ("data", device)
     if dkey not in _WORKER:
-        _WORKER[dkey] = load_images(cfg.model, cfg.images, _WORKER.get("data_dir"), device)
+        _WORKER[dkey] = load_images(cfg.base, cfg.images, _WORKER.get("data_dir"), device)
     scn = cfg.scenario(cell)
     ev = build_evaluator(scn, device=device, models_dir=_WORKER.get("models_dir"),
                          data_dir=_WORKER.get("data_dir"), progress=False, data=_WORKER[dkey])
@@ -464,13 +456,12 @@ def _devices(cfg: CampaignConfig, workers: int, evaluate_fn: Evaluate | None) ->
 
 def _check_inputs(cfg: CampaignConfig, models_dir, data_dir, train: bool) -> None:
     """What the real engine needs, checked before the folder is created."""
-    from hasched.study.build import load_images
-    from hasched.zoo.train import require_checkpoint
+    from hasched.study.build import load_images, require_model
 
-    load_images(cfg.model, cfg.images, data_dir)  # the dataset is there, the range fits
+    load_images(cfg.base, cfg.images, data_dir)  # the dataset is there, the range fits
     if not train:
         for seed in cfg.seeds:
-            require_checkpoint(cfg.model, seed, models_dir)
+            require_model(cfg.base.replace(seed=seed), models_dir)
 
 
 def run_campaign(
@@ -521,11 +512,11 @@ def run_campaign(
         if max_cells is not None:
             pending = pending[:max_cells]
         if pending and evaluate_fn is None:
-            from hasched.zoo.train import load_or_train
+            from hasched.zoo.load import load_model
 
             for seed in cfg.seeds:  # train missing checkpoints once, before any worker starts
-                load_or_train(cfg.model, seed, models_dir, data_dir, progress=progress, log=log,
-                              train=train)
+                load_model(cfg.base.model_ref(), seed, models_dir=models_dir,
+                           data_dir=data_dir, train=train, log=log, progress=progress)
         t0 = time.perf_counter()
         computed = _compute(cfg, out, cells, len(done), pending, devices[:len(pending)],
                             evaluate_fn, models_dir, data_dir, progress)

@@ -124,8 +124,12 @@ class Scenario:
     """What to evaluate: model, accelerated layers, accelerator, faults, measurement.
 
     Attributes:
-        model: Registered model name (see ``hasched list``).
+        model: Registered model name (see ``hasched list``), ``torchvision:NAME`` or
+            ``module:pkg.mod:fn`` (see :mod:`hasched.zoo.ref`).
         seed: Model seed (which trained instance).
+        checkpoint: A weights file (``.safetensors``/``.pt``) instead of the store.
+        num_classes: Outputs of a torchvision/module model (default: the dataset's).
+        dataset: Dataset of a torchvision/module model (registered models have their own).
         layers: The layer group on the accelerator (faulty together).
         mapping: Mapping spec (``gpu-tiles``, ``systolic:16x16``, ...).
         n_sms: SMs of the gpu-tiles mapping (paper: 20; the authors' code: 10).
@@ -148,6 +152,9 @@ class Scenario:
 
     model: str = "mnist32-cnn"
     seed: int = 1
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    dataset: str | None = None
     layers: tuple[str, ...] = ("c0",)
     mapping: str = "gpu-tiles"
     n_sms: int = 20
@@ -205,6 +212,13 @@ class Scenario:
         """``transient`` or ``permanent``."""
         return "permanent" if isinstance(self.fault_obj(), PermanentFault) else "transient"
 
+    def model_ref(self):
+        """The :class:`~hasched.zoo.ref.ModelRef` of this scenario's model."""
+        from hasched.zoo.ref import ModelRef
+
+        return ModelRef(self.model, checkpoint=self.checkpoint, num_classes=self.num_classes,
+                        dataset=self.dataset)
+
     def mapping_obj(self) -> Mapping:
         name, params = parse_mapping(self.mapping)
         kw = dict(params)
@@ -250,10 +264,12 @@ class Scenario:
     def validate(self) -> Scenario:
         """Builds every part once (names, parameters, files) so that mistakes surface
         before anything is loaded, trained or written. Returns ``self``."""
+        self.model_ref()
         self.mapping_obj()
         self.arithmetic_obj()
         self.fault_data()
-        for path, what in ((self.profile, "profile"), (self.chip, "chip")):
+        for path, what in ((self.profile, "profile"), (self.chip, "chip"),
+                           (self.checkpoint, "checkpoint")):
             if path and not Path(path).is_file():
                 raise HaschedError(f"{what} file not found: {path}")
         return self

@@ -240,17 +240,16 @@ def _read_summary(path: Path) -> dict:
 
 def prepare_search(s: SearchSettings, models_dir, data_dir, train: bool = False):
     """Every check that needs no output folder: scenario, layers, device, images, model."""
-    from hasched.study.build import check_layers, load_images, resolve_device
-    from hasched.zoo.train import require_checkpoint
+    from hasched.study.build import check_layers, load_images, require_model, resolve_device
 
     scn = s.scenario.validate()
-    check_layers(scn.model, [scn.layers])
+    check_layers(scn, [scn.layers])
     dev = resolve_device(s.device)
-    data_s = load_images(scn.model, s.search_images, data_dir, dev)
-    data_h = load_images(scn.model, s.holdout_images, data_dir, dev)
+    data_s = load_images(scn, s.search_images, data_dir, dev)
+    data_h = load_images(scn, s.holdout_images, data_dir, dev)
     check_disjoint(data_s[2], data_h[2])
     if not train:
-        require_checkpoint(scn.model, scn.seed, models_dir)
+        require_model(scn, models_dir)
     return scn, dev, data_s, data_h
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "missing_checkpoint_message",
     "recipe_for",
     "require_checkpoint",
+    "require_stored",
     "resolve_models_dir",
     "save_checkpoint",
     "stored_seeds",
@@ -420,17 +421,23 @@ def missing_checkpoint_message(
 
 
 def require_checkpoint(model_name: str, seed: int, models_dir: str | Path | None = None) -> None:
-    """Loads the checkpoint once to check it (missing, corrupt, NaN) before any output exists.
+    """Loads a registered model's checkpoint once to check it (see :func:`require_stored`)."""
+    require_stored(ModelRef(model_name), seed, models_dir)
+
+
+def require_stored(ref: ModelRef, seed: int, models_dir: str | Path | None = None) -> None:
+    """Loads the stored checkpoint once to check it (missing, corrupt, NaN) before any
+    output exists.
 
     Raises:
         CheckpointNotFoundError: Missing (the message names the seeds stored).
         HaschedError: Present but unusable.
     """
     try:
-        load_checkpoint(model_name, seed, models_dir)
+        load_stored(ref, seed, models_dir)
     except CheckpointNotFoundError:
         raise CheckpointNotFoundError(
-            missing_checkpoint_message(model_name, seed, models_dir)) from None
+            missing_checkpoint_message(ref.store_name, seed, models_dir)) from None
 
 
 def load_or_train(
