@@ -25,7 +25,7 @@ from hasched.errors import HaschedError
 from hasched.sim.arithmetic import Arithmetic, Fp32
 from hasched.sim.faults import FaultModel
 from hasched.sim.gemm import DenseOut, LayerFaults, faulty_gemm
-from hasched.sim.layers import row_rates
+from hasched.sim.layers import _k_offsets, flat_gather, row_rates
 from hasched.sim.mapping import GemmShape, LayerPlan, Mapping
 
 __all__ = ["MatrixInput", "faulty_matmul", "layer_faults"]
@@ -41,13 +41,10 @@ class MatrixInput:
         self.n_samples, self.n_cols = x.shape[0] // P, x.shape[2]
         self.per_member = P != 1
 
-    def gather(self, h, q: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
-        valid = q < plan.k
-        qc = q.clamp(max=plan.k - 1)
-        kk = qc if plan.k_perm is None else plan.k_perm.to(q.device)[qc]
+    def gather(self, h, plan: LayerPlan) -> torch.Tensor:
         n = (h.p * self.n_samples + h.b) if self.per_member else h.b
-        v = self.x[n[:, None], kk, h.c[:, None]]
-        return torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        K, C = self.x.shape[1:]
+        return flat_gather(self.x, n * K * C + h.c, _k_offsets(plan, C), h.k, plan)
 
     def _chains(self, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
         if plan.k_perm is not None:

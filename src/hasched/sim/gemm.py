@@ -291,9 +291,8 @@ def permanent_hits(fa: LayerFaults, b0: int, n_samples: int, n_cols: int) -> Hit
 def _chain_operands(fa: LayerFaults, xv, h: Hits) -> torch.Tensor:
     """Exact float64 products of every position of each hit's chain: ``(E, L)``."""
     plan, L = fa.plan, fa.plan.chain
-    q = h.k[:, None] * L + torch.arange(L, device=h.k.device)  # (E, L) mapping-order index
-    w = fa.arith.w_mapped[h.r[:, None], q]  # (E, L), zero in the padding
-    x = xv.gather(h, q, plan)  # (E, L), zero in the padding
+    w = fa.arith.w_mapped.reshape(plan.rows, plan.n_chains, L)[h.r, h.k]  # (E, L)
+    x = xv.gather(h, plan)  # (E, L), zero in the padding
     return fa.arith.products(w, x)
 
 
@@ -378,6 +377,10 @@ def element_deltas(fa: LayerFaults, xv, h: Hits, generator: torch.Generator | No
         z = torch.zeros(0, dtype=torch.long, device=fa.rates.device)
         return SparseOut(z, z, z, z, torch.zeros(0, dtype=torch.float64, device=z.device))
     p, b, r, c, d, new = (torch.cat(t) for t in zip(*outs, strict=True))
+    one_chain = fa.site == "output" and fa.plan.n_chains == 1
+    if one_chain:  # a hit is its own element: no grouping needed
+        full = None if fa.arith.is_int else torch.ones_like(d, dtype=torch.bool)
+        return SparseOut(p, b, r, c, d if full is None else new, full)
     R = fa.plan.rows
     nb = int(b.max()) + 1 if b.numel() else 1
     key = ((p * nb + b) * R + r) * n_cols + c

@@ -389,12 +389,11 @@ class LinearInput:
         self.per_member = P != 1
         self.samples_last = True  # dense draws in (P, 1, n_k, R, B) order, as always
 
-    def gather(self, h, q: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
-        """Inputs of each hit's chain positions ``q`` (mapping order): ``(E, L)``."""
-        kk, valid = _pytorch_k(q, plan)
+    def gather(self, h, plan: LayerPlan) -> torch.Tensor:
+        """Inputs of each hit's chain: ``(E, L)`` (see :func:`flat_gather`)."""
         n = (h.p * self.n_samples + h.b) if self.per_member else h.b
-        v = self.x[n[:, None], h.c[:, None], kk]
-        return torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        T, K = self.x.shape[1:]
+        return flat_gather(self.x, (n * T + h.c) * K, _k_offsets(plan, 1), h.k, plan)
 
     def blocks(self, plan: LayerPlan) -> torch.Tensor:
         """All chains' inputs ``(N, 1, n_c, L, T)``."""
@@ -419,17 +418,23 @@ class ConvInput:
         self.n_cols = self.oh * self.ow
         self.per_member = P != 1
 
-    def gather(self, h, q: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
-        kk, valid = _pytorch_k(q, plan)
-        taps = self.kh * self.kw
-        cg = self.xp.shape[1] // self.groups
-        ci = kk // taps + (h.r * self.groups // plan.rows)[:, None] * cg
-        i, j = (kk % taps) // self.kw, kk % self.kw
-        y = (h.c // self.ow)[:, None] * self.sh + i * self.dh
-        x = (h.c % self.ow)[:, None] * self.sw + j * self.dw
+    def gather(self, h, plan: LayerPlan) -> torch.Tensor:
+        """Inputs of each hit's chain: ``(E, L)`` (see :func:`flat_gather`)."""
+        Cp, Hp, Wp = self.xp.shape[1:]
+        cg = Cp // self.groups
         n = (h.p * self.n_samples + h.b) if self.per_member else h.b
-        v = self.xp[n[:, None], ci, y, x]
-        return torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        base = (n * Cp + (h.r * self.groups // plan.rows) * cg) * (Hp * Wp) + (
+            (h.c // self.ow) * self.sh * Wp + (h.c % self.ow) * self.sw)  # (E,)
+        key = (plan.k, plan.k_padded, Hp, Wp)
+        if getattr(self, "_off_key", None) != key:
+            taps = self.kh * self.kw
+
+            def offset(kk: torch.Tensor) -> torch.Tensor:
+                i, j = (kk % taps) // self.kw, kk % self.kw
+                return (kk // taps) * (Hp * Wp) + i * self.dh * Wp + j * self.dw
+
+            self._off, self._off_key = _k_offsets(plan, offset), key
+        return flat_gather(self.xp, base, self._off, h.k, plan)
 
     def cols(self, samples: slice = slice(None)) -> torch.Tensor:
         """im2col in PyTorch's K order: ``(N, G, Cin/G * kh * kw, oh * ow)``.
@@ -450,6 +455,36 @@ class ConvInput:
         """Chains' inputs of member ``p``'s samples ``b0 .. b0+n-1``: ``(n, G, n_c, L, C)``."""
         i0 = p * self.n_samples + b0 if self.per_member else b0
         return _chain_blocks(self.cols(slice(i0, i0 + n)), plan)
+
+
+def _k_offsets(plan: LayerPlan, offset) -> torch.Tensor:
+    """Offset, within one sample's flattened input, of every chain position: ``(n_c, L)``
+    (padding positions: -1). ``offset`` maps PyTorch reduction indices to offsets (or is a
+    stride)."""
+    q = torch.arange(plan.k_padded)
+    kk, valid = _pytorch_k(q, plan)
+    off = offset(kk) if callable(offset) else kk * offset
+    return torch.where(valid, off, -1).reshape(plan.n_chains, plan.chain)
+
+
+def flat_gather(x: torch.Tensor, base: torch.Tensor, offsets: torch.Tensor,
+                chains: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    """``x.flat[base + offsets[chain]]`` for every hit: its chain's inputs, ``(E, L)``.
+
+    One row gather of the offsets and one flat ``index_select`` (int32 indices where they
+    fit): the hot path of every sparse evaluation. Padding positions read a zero.
+    """
+    flat = x.reshape(-1)
+    off = offsets.to(base.device)[chains]  # (E, L)
+    pad = plan.k_padded > plan.k
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    small = flat.numel() < 2**31
+    idx = base.to(torch.int32)[:, None] + off.to(torch.int32) if small else \
+        base[:, None] + off
+    if pad:
+        idx = torch.where(off < 0, flat.numel() - 1, idx)
+    return flat.index_select(0, idx.reshape(-1)).reshape(idx.shape)
 
 
 def _pytorch_k(q: torch.Tensor, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:

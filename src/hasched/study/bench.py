@@ -178,7 +178,38 @@ def run_bench(
                         "clean_seconds": clean, "ratio": secs / clean, "peak_mb": _peak_mb(dev)})
         if log:
             log(f"{entry.name}: {secs:.3f} s ({secs / clean:.1f}x clean)")
+    if not cfg.filter or "resnet18" in cfg.filter:
+        results += _resnet_entries(cfg, dev, log)
     return results
+
+
+def _resnet_entries(cfg: BenchConfig, dev: torch.device, log) -> list[dict]:
+    """resnet18 (random weights: only time is measured) with one faulty conv at 1e-3.
+
+    A residual model runs on the plain (expanded-batch) path: the whole model once per
+    population member; ``P x R`` entries show what a GA generation costs.
+    """
+    from hasched.zoo.load import eval_data
+    from hasched.zoo.ref import ModelRef, build_model
+
+    ref = ModelRef("resnet18", dataset="fashion-mnist")
+    model = build_model(ref, 0).to(dev).eval()
+    x, y, _ = eval_data(ref, ":200", device=dev)
+    with torch.no_grad():
+        clean = _time(lambda: model(x).argmax(-1), dev, cfg)
+    scn = Scenario(model="resnet18", dataset="fashion-mnist", layers=("layer2.0.conv1",),
+                   fault="bitflip", fr_max=1e-3, repeats=1)
+    rows = [{"name": "eval/resnet18/clean", "device": str(dev), "seconds": clean,
+             "clean_seconds": clean, "ratio": 1.0, "peak_mb": _peak_mb(dev)}]
+    for name, entry in (("eval/resnet18/layer2.0.conv1/bitflip/1e-3", Entry("eval", "", scn)),
+                        ("generation/resnet18/layer2.0.conv1/bitflip/1e-3/pop20x3",
+                         Entry("generation", "", scn.replace(repeats=3), 20))):
+        secs = _timed(entry, model, x, y, dev, cfg)
+        rows.append({"name": name, "device": str(dev), "seconds": secs, "clean_seconds": clean,
+                     "ratio": secs / clean, "peak_mb": _peak_mb(dev)})
+        if log:
+            log(f"{name}: {secs:.3f} s ({secs / clean:.1f}x clean)")
+    return rows
 
 
 MARKDOWN_HEADER = "| entry | device | seconds | clean s | ratio | peak MB |"
