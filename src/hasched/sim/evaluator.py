@@ -139,6 +139,19 @@ class FaultyEvaluator:
         """Chromosome length (weight rows) of every faulty layer."""
         return {n: layer.tiling.rows for n, layer in self.state.layers.items()}
 
+    def slot_exposure(self) -> dict[str, torch.Tensor]:
+        """Summed fault rate each slot's row sees across its K-blocks, per faulty layer.
+
+        What a model-aware searcher plans with: under a schedule, the row placed on slot
+        ``s`` has every one of its partial products hit at that slot's rates, so its
+        expected number of hits per output element is ``exposure[s]``.
+
+        Returns:
+            Layer name -> float64 CPU ``Tensor[rows]``.
+        """
+        return {n: layer.slot_rate.detach().double().sum(1).cpu()
+                for n, layer in self.state.layers.items()}
+
     def _batches(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         step = self.config.prefix_batch
         for i in range(0, x.shape[0], step):
@@ -172,6 +185,8 @@ class FaultyEvaluator:
         perms: dict[str, torch.Tensor] | None = None,
         repeats: int = 1,
         generator: torch.Generator | None = None,
+        *,
+        rates: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Number of correctly classified images for every schedule and repeat.
 
@@ -180,17 +195,22 @@ class FaultyEvaluator:
                 omitted layers keep the identity order.
             repeats: Independent error instances per schedule.
             generator: Source of every error draw.
+            rates: Instead of ``perms``: layer name -> ``Tensor[P, rows, n_k]`` rate maps
+                per weight row (:meth:`FaultState.configure_rates`), e.g. probes that put
+                one row at a chosen rate and keep the others clean.
 
         Returns:
             ``LongTensor[P, repeats]``.
         """
         if repeats < 1:
             raise HaschedError(f"repeats must be >= 1, got {repeats}")
+        if perms and rates is not None:
+            raise HaschedError("give schedules or rate maps, not both")
         if perms:
             perms = {k: v.to(self.device) for k, v in perms.items()}
         st: FaultState = self.state
         st.generator = generator
-        pop = st.configure(perms, repeats)
+        pop = st.configure(perms, repeats) if rates is None else st.configure_rates(rates, repeats)
         step = self._chunk(pop)
         correct = torch.zeros(pop, dtype=torch.long, device=self.device)
         engine = self._incremental()
@@ -227,9 +247,11 @@ class FaultyEvaluator:
         perms: dict[str, torch.Tensor] | None = None,
         repeats: int = 1,
         generator: torch.Generator | None = None,
+        *,
+        rates: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Top-1 accuracy in [0, 1]: ``Tensor[P, repeats]`` (see :meth:`correct`)."""
-        return self.correct(perms, repeats, generator).double() / self.n_images
+        return self.correct(perms, repeats, generator, rates=rates).double() / self.n_images
 
 
 def summarize(values: list[float] | torch.Tensor) -> dict:

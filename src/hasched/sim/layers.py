@@ -92,6 +92,40 @@ class FaultState:
         self.population = P * repeats
         return self.population
 
+    def configure_rates(self, rates: dict[str, torch.Tensor], repeats: int = 1) -> int:
+        """Sets every layer's per-member rates directly; returns ``P * repeats``.
+
+        Unlike :meth:`configure`, the rates need not come from the profile: a model-aware
+        searcher can probe what one weight row costs at a chosen rate with every other row
+        clean (see :class:`hasched.search.core.problem.ModelAwareProblem`).
+
+        Args:
+            rates: Layer name -> ``Tensor[P, rows, n_k]`` rate of every (weight row,
+                K-block) per member, in [0, 1]; layers not named keep their identity-order
+                profile rates. All entries need the same ``P``.
+            repeats: Independent error instances per member.
+        """
+        unknown = set(rates) - set(self.layers)
+        if unknown:
+            raise HaschedError(f"rates name layers that are not faulty: {sorted(unknown)}")
+        sizes = {int(v.shape[0]) for v in rates.values()}
+        if len(sizes) != 1:
+            raise HaschedError(f"rate maps need one population size, got {sorted(sizes)}")
+        P = sizes.pop()
+        for name, layer in self.layers.items():
+            r = rates.get(name)
+            if r is None:
+                r = layer.slot_rate[None].expand(P, -1, -1)
+            elif tuple(r.shape[1:]) != tuple(layer.slot_rate.shape):
+                raise HaschedError(f"layer {name}: rates must be (P, {layer.tiling.rows}, "
+                                   f"{layer.tiling.n_k}), got {tuple(r.shape)}")
+            elif not bool(((r >= 0) & (r <= 1)).all()):
+                raise HaschedError(f"layer {name}: rates must lie in [0, 1]")
+            r = r.to(device=layer.slot_rate.device, dtype=layer.slot_rate.dtype)
+            layer.rates = r.repeat_interleave(repeats, dim=0)
+        self.population = P * repeats
+        return self.population
+
 
 def _check_perms(perm: torch.Tensor, rows: int, name: str) -> None:
     if perm.dim() != 2 or perm.shape[1] != rows:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -29,6 +29,7 @@ class Searcher(Protocol):
         checkpoint: Path | None = None,
         *,
         stop_after: int | None = None,
+        hooks: Sequence[Callable[[Any], None]] = (),
     ) -> SearchResult: ...
 
 
@@ -39,7 +40,9 @@ SEARCHERS: Registry[type] = Registry("searcher")
 def register_searcher(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: make a searcher constructible by ``create_searcher(name)``.
 
-    The class needs a ``config_cls`` (a dataclass with defaults) and ``__init__(config)``.
+    The class needs a ``config_cls`` (a dataclass with defaults) and ``__init__(config)``;
+    subclassing :class:`hasched.search.core.loop.SearchLoop` provides both the latter and
+    ``run``.
     """
 
     def deco(cls: type[T]) -> type[T]:
