@@ -37,8 +37,29 @@ ProfileSeedOpt = Annotated[int, typer.Option("--profile-seed", help="Fault-profi
 NSmsOpt = Annotated[int, typer.Option("--n-sms", help="Streaming multiprocessors.")]
 
 
+AlgorithmOpt = Annotated[str, typer.Option(
+    help="Searcher: ga (HAS), criticality, hybrid, cma, random (see `hasched list`).")]
+OptionOpt = Annotated[list[str] | None, typer.Option(
+    "--option", help="Searcher config field KEY=VALUE, repeatable (e.g. noise=mean, "
+    "probe_scale=10); values are JSON, else strings.")]
+
+
 def _log(msg: str) -> None:
     typer.echo(msg, err=True)
+
+
+def _options(pairs: list[str] | None) -> dict:
+    """``["noise=mean", "probe_scale=10"]`` -> ``{"noise": "mean", "probe_scale": 10}``."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise HaschedError(f"--option needs KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def _accel(n_sms: int):
@@ -241,9 +262,19 @@ def search(
     error: ErrorOpt = "flip-to-1",
     fr_max: FrMaxOpt = 5e-3,
     profile_seed: ProfileSeedOpt = 1,
-    algorithm: Annotated[str, typer.Option(help="ga (HAS) or random.")] = "ga",
-    population: Annotated[int, typer.Option(help="GA population.")] = 20,
-    generations: Annotated[int, typer.Option(help="GA generations.")] = 100,
+    profile: Annotated[Path | None, typer.Option(
+        "--profile", help="The chip's .npy/.json profile instead of --fr-max/--profile-seed.")
+    ] = None,
+    plan_profile: Annotated[Path | None, typer.Option(
+        help="Profile model-aware searchers plan with (e.g. from `hasched diagnose`); "
+        "fitness and held-out accuracy still run on the chip's profile.")] = None,
+    algorithm: AlgorithmOpt = "ga",
+    option: OptionOpt = None,
+    population: Annotated[int, typer.Option(
+        help="Budget: GA/CMA population (random search: batch).")] = 20,
+    generations: Annotated[int, typer.Option(
+        help="Budget: generations (random search and CMA-ES get population x "
+        "(generations + 1) evaluations; criticality ignores the budget).")] = 100,
     runs: Annotated[int, typer.Option(help="Independent runs; the best is kept.")] = 3,
     repeats: Annotated[int, typer.Option(help="Error instances per fitness evaluation.")] = 3,
     search_images: Annotated[str, typer.Option(help="Fitness images (A:B).")] = "5120:",
@@ -259,7 +290,9 @@ def search(
     from hasched.study.schedule_search import SearchSettings, run_has_search
 
     s = SearchSettings(model=model, seed=seed, layers=layers, error=error, fr_max=fr_max,
-                       profile_seed=profile_seed, algorithm=algorithm, population=population,
+                       profile_seed=profile_seed, profile=str(profile) if profile else None,
+                       plan_profile=str(plan_profile) if plan_profile else None,
+                       algorithm=algorithm, options=_options(option), population=population,
                        generations=generations, runs=runs, repeats=repeats,
                        search_images=search_images, holdout_images=holdout_images,
                        holdout_repeats=holdout_repeats, search_seed=search_seed,
@@ -268,8 +301,8 @@ def search(
     r = res["results"]
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} "
                f"repeats): clean {r['clean']['mean']:.4f} | degraded (identity) "
-               f"{r['identity']['mean']:.4f} | HAS {r['has']['mean']:.4f} | random "
-               f"{r['random']['mean']:.4f}")
+               f"{r['identity']['mean']:.4f} | {algorithm} {r['has']['mean']:.4f} | random "
+               f"{r['random']['mean']:.4f}; {sum(res['search']['evaluations'])} evaluations")
     typer.echo(f"report: {Path(out) / 'summary.md'}")
 
 
@@ -278,6 +311,8 @@ def reproduce(
     out: Annotated[Path, typer.Option(help="Output folder (finished cases are skipped).")],
     quick: Annotated[bool, typer.Option(
         help="Reduced plan: the 12 mnist32-cnn cases, small GA (~15 min on 2 cores).")] = False,
+    algorithm: AlgorithmOpt = "ga",
+    option: OptionOpt = None,
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
@@ -285,7 +320,8 @@ def reproduce(
     """Run the paper's §5.2 recovery cases and write REPORT.md."""
     from hasched.study.reproduce import run_reproduce
 
-    run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log)
+    run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log,
+                  algorithm=algorithm, options=_options(option))
     typer.echo(f"report: {Path(out) / 'REPORT.md'}")
 
 
@@ -359,6 +395,131 @@ def demo(
     sdir = out / "search"
     typer.echo(f"report: {sdir / 'summary.md'}  figures: {sdir / 'recovery.png'}, "
                f"{sdir / 'convergence.png'}")
+
+
+@app.command()
+def compare(
+    out: Annotated[Path, typer.Option(help="Output folder: one search folder per searcher.")],
+    algorithms: Annotated[str, typer.Option(
+        help="Comma-separated searchers.")] = "criticality,ga,hybrid,random,cma",
+    option: Annotated[list[str] | None, typer.Option(
+        "--option", help="ALGORITHM.KEY=VALUE, repeatable (e.g. hybrid.generations=38, "
+        "ga.noise=mean).")] = None,
+    model: ModelOpt = "mnist32-cnn",
+    seed: SeedOpt = 1,
+    layers: Annotated[str, typer.Option(help="Searched faulty layers.")] = "c0",
+    error: ErrorOpt = "flip-to-1",
+    fr_max: FrMaxOpt = 5e-3,
+    profile_seed: ProfileSeedOpt = 1,
+    population: Annotated[int, typer.Option(help="Budget: population.")] = 20,
+    generations: Annotated[int, typer.Option(help="Budget: generations.")] = 30,
+    runs: Annotated[int, typer.Option(help="Independent runs per searcher.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Error instances per fitness evaluation.")] = 3,
+    search_images: Annotated[str, typer.Option(help="Fitness images.")] = "5120:7120",
+    holdout_images: Annotated[str, typer.Option(help="Held-out images.")] = ":5120",
+    holdout_repeats: Annotated[int, typer.Option(help="Held-out error instances.")] = 10,
+    random_baseline: Annotated[bool, typer.Option(
+        help="Also run random search at every searcher's own budget.")] = False,
+    device: DeviceOpt = "cpu",
+    n_sms: NSmsOpt = 20,
+    models_dir: ModelsDirOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Run several searchers on one scenario and budget; table + one convergence figure."""
+    from hasched.study.compare import run_comparison
+    from hasched.study.schedule_search import SearchSettings
+
+    per: dict[str, dict] = {}
+    for key, value in _options(option).items():
+        alg, dot, field_name = key.partition(".")
+        if not dot:
+            raise HaschedError(f"compare --option needs ALGORITHM.KEY=VALUE, got {key!r}")
+        per.setdefault(alg, {})[field_name] = value
+    s = SearchSettings(model=model, seed=seed, layers=layers, error=error, fr_max=fr_max,
+                       profile_seed=profile_seed, population=population,
+                       generations=generations, runs=runs, repeats=repeats,
+                       search_images=search_images, holdout_images=holdout_images,
+                       holdout_repeats=holdout_repeats, n_sms=n_sms, device=device,
+                       random_baseline=random_baseline)
+    names = [a.strip() for a in algorithms.split(",") if a.strip()]
+    rep = run_comparison(out, s, names, per, models_dir=models_dir, data_dir=data_dir, log=_log)
+    for r in rep["searchers"]:
+        lo, hi = r["holdout"]["ci95"]
+        typer.echo(f"{r['algorithm']:12s} held-out {r['holdout']['mean']:.4f} [{lo:.4f}, "
+                   f"{hi:.4f}]  {r['evaluations']:5d} evaluations  {r['search_seconds']:6.0f} s")
+    typer.echo(f"report: {Path(out) / 'comparison.md'}")
+
+
+@app.command()
+def export(
+    schedule: Annotated[Path, typer.Option(help="schedule.json (or a search folder).")],
+    out: Annotated[Path, typer.Option(help="Exported .safetensors (never overwritten).")],
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Model [default: the schedule's].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Model seed [default: the schedule's].")
+                    ] = None,
+    models_dir: ModelsDirOpt = None,
+) -> None:
+    """Fold a schedule into the weights: a plain model that needs no gather at run time."""
+    from hasched.study.export import export_schedule
+
+    rep = export_schedule(schedule, out, model_name=model, seed=seed, models_dir=models_dir)
+    for layer, consumer in rep["folded"].items():
+        typer.echo(f"folded {layer}: rows permuted, {consumer}'s input columns to match")
+    if rep["faulty_consumers"]:
+        typer.echo(f"note: {', '.join(rep['faulty_consumers'])} also run on the faulty "
+                   "accelerator; their K-blocks now group permuted inputs")
+    typer.echo(f"max |output difference| vs the original on 16 random inputs: "
+               f"{rep['max_output_difference']:.2e} -> {out}")
+
+
+@app.command()
+def diagnose(
+    out: Annotated[Path, typer.Option(help="Estimated profile (.json; never overwritten).")],
+    error: ErrorOpt = "flip-to-1",
+    fr_max: FrMaxOpt = 5e-3,
+    profile_seed: ProfileSeedOpt = 1,
+    profile: Annotated[Path | None, typer.Option(
+        "--profile", help="The simulated chip's true profile file instead of a seed.")] = None,
+    runs: Annotated[int, typer.Option(help="Probe GEMMs.")] = 16,
+    columns: Annotated[int, typer.Option(help="Output columns (trials per PE) per probe.")
+                       ] = 4096,
+    confidence: Annotated[float, typer.Option(help="Confidence level of the intervals.")
+                          ] = 0.95,
+    method: Annotated[str, typer.Option(help="clopper-pearson or wilson.")] = "clopper-pearson",
+    chip_seed: Annotated[int, typer.Option(help="Seed of the chip's fault draws.")] = 0,
+    n_sms: NSmsOpt = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Estimate a (simulated) chip's per-PE fault rates from probe GEMMs, with CIs."""
+    from hasched.sim.faults import create_error_model
+    from hasched.sim.hardware import FaultProfile
+    from hasched.study.diagnose import SimulatedChip, compare_to_truth
+    from hasched.study.diagnose import diagnose as run_diagnosis
+
+    if out.exists():
+        raise HaschedError(f"{out} exists; not overwriting it")
+    if out.suffix != ".json":
+        raise HaschedError(f"--out must be a .json file, got {out.name}")
+    accel = _accel(n_sms)
+    em = create_error_model(error)
+    truth = FaultProfile.load(profile) if profile else FaultProfile.generate(
+        fr_max, profile_seed, accel)
+    diag = run_diagnosis(SimulatedChip(truth, em, accel, chip_seed), runs, columns, confidence,
+                         method)
+    diag.save(out)
+    check = compare_to_truth(diag, truth)
+    res = {"out": str(out), "runs": runs, "trials_per_pe": diag.trials,
+           "test_value": diag.value, "detection": diag.detection, **check}
+    if as_json:
+        typer.echo(json.dumps(res))
+        return
+    typer.echo(f"{runs} probe GEMMs x {columns} columns = {diag.trials} trials per PE "
+               f"(test value {diag.value:g}, detection {diag.detection:.3f})")
+    typer.echo(f"simulation check: mean |error| {check['mean_abs_error']:.2e}, "
+               f"{100 * check['ci_coverage']:.1f}% of true rates inside their "
+               f"{100 * confidence:g}% intervals, rank correlation {check['spearman']}")
+    typer.echo(f"estimated profile -> {out} (use with --profile or --plan-profile)")
 
 
 # New commands go above this line.

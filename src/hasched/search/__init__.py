@@ -45,6 +45,7 @@ from hasched.search.core.problem import (
 )
 from hasched.search.core.registry import (
     Searcher,
+    budget_options,
     create_searcher,
     list_searchers,
     register_searcher,
@@ -115,6 +116,7 @@ __all__ = [
     "StepInfo",
     "Searcher",
     "best_of",
+    "budget_options",
     "create_searcher",
     "evaluate_population",
     "list_searchers",

@@ -107,11 +107,21 @@ def run_reproduce(
     data_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    algorithm: str = "ga",
+    options: dict | None = None,
 ) -> list[dict]:
-    """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows."""
+    """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows.
+
+    ``algorithm`` and ``options`` replace the plan's searcher (the paper's GA); a
+    non-GA searcher writes its cases under ``out/cases-<algorithm>/`` so that plans with
+    different searchers can share one output folder.
+    """
     from hasched.report.search import plot_cases
 
     plan = QUICK if quick else FULL
+    options = dict(options or {})
+    plan = replace(plan, settings=replace(plan.settings, algorithm=algorithm, options=options))
+    cases_dir = "cases" if algorithm == "ga" and not options else f"cases-{algorithm}"
     log = log or (lambda _m: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +135,7 @@ def run_reproduce(
                 s = replace(plan.settings, model=case.model, seed=ms, layers=case.layers,
                             error=case.error, fr_max=case.fr_max, profile_seed=ps,
                             device=device)
-                runs.append(run_has_search(out / "cases" / case.slug / f"ms{ms}_ps{ps}", s,
+                runs.append(run_has_search(out / cases_dir / case.slug / f"ms{ms}_ps{ps}", s,
                                            models_dir=models_dir, data_dir=data_dir, log=log,
                                            progress=progress))
         row = {"case": case, "runs": len(runs),
@@ -137,27 +147,35 @@ def run_reproduce(
         row["has_minus_random"] = _agg([{"mean": r["has_minus_random"],
                                          "ci95": [r["has_minus_random"]] * 2} for r in runs])
         rows.append(row)
+    suffix = "" if cases_dir == "cases" else f"-{algorithm}"
     plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
                                                                  "random")}} for r in rows],
-               out / "recovery-cases.png")
+               out / f"recovery-cases{suffix}.png")
     wall = time.perf_counter() - t0
-    _write_report(out / "REPORT.md", plan, rows, wall, quick)
-    log(f"wrote {out / 'REPORT.md'} ({wall:.0f} s)")
+    report = out / f"REPORT{suffix}.md"
+    _write_report(report, plan, rows, wall, quick, cases_dir, suffix)
+    log(f"wrote {report} ({wall:.0f} s)")
     return rows
 
 
-def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: bool) -> None:
+def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: bool,
+                  cases_dir: str = "cases", suffix: str = "") -> None:
+    st = plan.settings
+    alg = "HAS" if st.algorithm == "ga" else st.algorithm
+    opts = ", ".join(f"{k}={v}" for k, v in st.options.items())
+    searcher = "" if not suffix else f" Searcher: {alg}{f' ({opts})' if opts else ''}."
     lines = [
-        f"# HAS reproduction (paper §5.2){' -- quick' if quick else ''}",
+        f"# HAS reproduction (paper §5.2){' -- quick' if quick else ''}"
+        f"{f' -- {alg}' if suffix else ''}",
         "",
-        f"Plan: {plan.description}.",
+        f"Plan: {plan.description}.{searcher}",
         "",
         "Accuracies are held-out top-1 % with 95% intervals (over seed combinations when "
         "there are several, else over the held-out repeats of the single run). 'Paper' is "
         "what the paper's text reports for the case (it gives no intervals).",
         "",
-        "| case | paper | clean | degraded (identity) | HAS | random (same budget) | "
-        "recovery (points) | HAS - random | runs |",
+        f"| case | paper | clean | degraded (identity) | {alg} | random (same budget) | "
+        f"recovery (points) | {alg} - random | runs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -175,10 +193,11 @@ def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: 
         f"Search time (summed, including earlier resumed sessions): {secs:.0f} s; this "
         f"invocation's wall time: {wall:.0f} s.",
         "",
-        "![recovery per case](recovery-cases.png)",
+        f"![recovery per case](recovery-cases{suffix}.png)",
         "",
         "Per-run folders (summary.json, schedule.json, history.csv, convergence.png, "
-        "recovery.png, summary.md) are under `cases/<case>/ms<model seed>_ps<profile seed>/`.",
+        f"recovery.png, summary.md) are under `{cases_dir}/<case>/ms<model seed>_ps<profile "
+        "seed>/`.",
         "",
     ]
     path.write_text("\n".join(lines))
