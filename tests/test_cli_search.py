@@ -98,3 +98,14 @@ def test_reproduce_runs_another_searcher_into_its_own_folders(store, tmp_path, m
     summ = json.loads(next((tmp_path / "cases-criticality").rglob("summary.json")).read_text())
     assert summ["settings"]["algorithm"] == "criticality"
     assert "| criticality |" in (tmp_path / "REPORT-criticality.md").read_text()
+
+
+def test_demo_shows_criticality_and_the_demo_searcher(store, tmp_path):
+    from hasched.cli import DEMO_SEARCHER
+
+    res = cli("demo", "--out", tmp_path, "--generations", "1", "--search-images", "96:",
+              "--holdout-images", ":32", *store)
+    assert res.exit_code == 0, res.output
+    assert "criticality, 33 evaluations" in res.output and DEMO_SEARCHER in res.output
+    assert "random search, same budget" in res.output
+    assert (tmp_path / "search" / "convergence-all.png").is_file()
