@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from hasched.search import FunctionProblem, ModelAwareProblem
-from hasched.sim.hardware import row_rates
 
 
 class RateProblem(ModelAwareProblem):
@@ -32,8 +31,8 @@ class RateProblem(ModelAwareProblem):
         p = next(iter(rates.values())).shape[0]
         out = torch.zeros(p, dtype=torch.float64)
         for k, h in self.harm.items():
-            r = rates.get(k, self.rate[k][None].expand(p, -1, -1))
-            out -= (r.double() * h).sum((1, 2))
+            r = rates.get(k, self.rate[k].expand(p, *self.rate[k].shape))
+            out -= (r.double() * h).reshape(p, -1).sum(1)
         if self.noise:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.evaluated)
             out += self.noise * torch.randn(p, generator=g, dtype=torch.float64)
@@ -42,7 +41,8 @@ class RateProblem(ModelAwareProblem):
 
     def evaluate(self, perms):
         self.calls.append(("perms", next(iter(perms.values())).shape[0]))
-        return self._score({k: row_rates(self.rate[k], v) for k, v in perms.items()})
+        # Row perm[s] runs on slot s: row r gets the rates of the slot that holds it.
+        return self._score({k: self.rate[k][torch.argsort(v, dim=1)] for k, v in perms.items()})
 
     def evaluate_rates(self, rates):
         self.calls.append(("rates", next(iter(rates.values())).shape[0]))
@@ -54,7 +54,8 @@ class RateProblem(ModelAwareProblem):
 
         total = 0.0
         for k, h in self.harm.items():
-            cost = (h @ self.rate[k].T).numpy()
+            n = h.shape[0]
+            cost = (h.reshape(n, -1) @ self.rate[k].reshape(n, -1).T).numpy()
             r, c = linear_sum_assignment(cost)
             total -= float(cost[r, c].sum())
         return total

@@ -88,6 +88,17 @@ def test_block_probes_and_linear_assignment_solve_a_non_separable_problem():
     assert block.evaluations == 6 * 3 + 1
 
 
+def test_slot_rates_of_any_trailing_shape():
+    # Sites need not be a flat K-block axis (another mapping may give (chains, positions)).
+    g = torch.Generator().manual_seed(12)
+    harm = {"a": torch.rand(6, 2, 3, generator=g, dtype=torch.float64)}
+    rate = {"a": 0.01 * torch.rand(6, 2, 3, generator=g, dtype=torch.float64)}
+    problem = RateProblem(harm, rate)
+    res = create_searcher("criticality", {"probe": "block"}).run(problem, 0)
+    assert res.best_fitness == pytest.approx(problem.optimum(), abs=1e-12)
+    assert res.evaluations == 6 * 6 + 1
+
+
 def test_probe_layout_and_rate():
     problem = random_rate_problem({"a": 4, "b": 3}, n_k=2, seed=5)
     cfg = CriticalityConfig(probe_scale=10.0, probe_rounds=2)

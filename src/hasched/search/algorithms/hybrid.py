@@ -104,8 +104,7 @@ class HybridSearch(GeneticAlgorithm):
     def _tell(self, problem, state, asked, fitness, g):
         if state["seed"] is None:
             layout = state.pop("_layout")
-            n_k = {k: v.shape[1] for k, v in problem.slot_rates().items()}
-            harm = criticality_from_probes(fitness, layout, problem.sizes, n_k)
+            harm = criticality_from_probes(fitness, layout, problem.slot_rates())
             state.update(harm=harm, probe_rates=layout["rates"],
                          seed=assign(problem, harm, self.config.criticality()))
             return {"best_fitness": None, "mean_fitness": None}

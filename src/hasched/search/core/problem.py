@@ -117,11 +117,12 @@ class ModelAwareProblem(PermutationProblem):
 
     @abc.abstractmethod
     def slot_rates(self) -> dict[str, torch.Tensor]:
-        """Fault rate of every (slot, K-block): ``{layer: float64 Tensor[rows, n_k]}``."""
+        """Fault rate of every partial-product site of every slot:
+        ``{layer: float64 Tensor[rows, ...]}`` (``[rows, n_k]`` K-blocks for GPU tiles)."""
 
     def slot_exposure(self) -> dict[str, torch.Tensor]:
         """Summed rate a slot's row sees across its K-blocks: ``{layer: Tensor[rows]}``."""
-        return {k: v.sum(1) for k, v in self.slot_rates().items()}
+        return {k: v.reshape(v.shape[0], -1).sum(1) for k, v in self.slot_rates().items()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """``{layer: Tensor[rows, K]}`` weight matrices; optional (default: refused)."""
@@ -132,8 +133,9 @@ class ModelAwareProblem(PermutationProblem):
         """Score ``P`` rate maps at once (fresh error draws, like :meth:`evaluate`).
 
         Args:
-            rates: ``{layer: Tensor[P, rows, n_k]}``, the rate of every (weight row,
-                K-block) per member; layers not named keep their identity-order rates.
+            rates: ``{layer: Tensor[P, *slot_rates()[layer].shape]}``, the rate of every
+                (weight row, site) per member; layers not named keep their identity-order
+                rates.
 
         Returns:
             ``Tensor[P]`` fitness, higher is better.
