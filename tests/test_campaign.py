@@ -107,11 +107,11 @@ def test_incompatible_dir(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "x.txt").write_text("hi")
-    with pytest.raises(HaschedError, match="not a campaign folder"):
+    with pytest.raises(HaschedError, match="not a hasched campaign folder"):
         run_campaign(cfg, other, progress=False, evaluate_fn=fake_eval)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{oops")
-    with pytest.raises(HaschedError, match="unreadable"):
+    with pytest.raises(HaschedError, match="not valid JSON"):
         run_campaign(cfg, tmp_path / "bad", progress=False, evaluate_fn=fake_eval)
     with pytest.raises(HaschedError, match="not a campaign folder"):
         load_results(tmp_path / "nowhere")
@@ -183,11 +183,12 @@ def test_store_from_another_sampler_version_is_refused(tmp_path):
     from hasched.study.campaign import open_store
 
     cfg = CampaignConfig.from_args("mnist32-cnn", seeds="1", layers="op", errors="bitflip")
-    open_store(tmp_path / "c", cfg)
+    with open_store(tmp_path / "c", cfg):
+        pass
     path = tmp_path / "c" / "config.json"
     obj = json.loads(path.read_text())
     obj["sampler"] -= 1
     path.write_text(json.dumps(obj))
-    with pytest.raises(HaschedError, match="sampler version"):
-        open_store(tmp_path / "c", cfg)
+    with pytest.raises(HaschedError, match="sampler version"), open_store(tmp_path / "c", cfg):
+        pass
     assert json.loads(path.read_text()) == obj  # left as it was

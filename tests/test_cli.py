@@ -44,11 +44,12 @@ def models(tmp_path_factory):
 
 @needs_data
 def test_evaluate_json(models):
-    res = run(["evaluate", "--layers", "c0,h2", "--error", "bitflip", "--fr-max", "5e-3",
+    res = run(["evaluate", "--layers", "c0+h2", "--error", "bitflip", "--fr-max", "5e-3",
                "--images", "64", "--repeats", "2", "--json"],
               {"HASCHED_MODELS_DIR": str(models)})
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
+    assert out["scenario"]["layers"] == ["c0", "h2"] and out["scenario"]["fault"] == "bitflip"
     for key in ("model", "seed", "layers", "error", "fr_max", "profile_seed", "repeats",
                 "images", "clean_accuracy", "accuracy_mean", "accuracy_std", "accuracies"):
         assert key in out
@@ -74,8 +75,8 @@ def test_evaluate_is_reproducible_and_profile_file_equals_seed(models, tmp_path)
 @pytest.mark.parametrize("args,needle", [
     (["--model", "resnet-9000"], "unknown model"),
     (["--layers", "h7"], "unknown layer"),
-    (["--error", "flip-to-2"], "unknown error model"),
-    (["--fr-max", "1.5"], "fr_max"),
+    (["--error", "flip-to-2"], "unknown fault model"),
+    (["--fr-max", "1.5"], "--fr-max"),
     (["--images", "20000"], "image range"),
     (["--repeats", "0"], "repeats"),
 ])
@@ -113,9 +114,9 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(models, tmp_path):
 
 
 def test_missing_data_names_the_places_tried(tmp_path):
-    res = run(["evaluate", "--images", "8"], {"HASCHED_DATA_DIR": str(tmp_path / "nodata"),
-                                              "HASCHED_MODELS_DIR": str(tmp_path / "m"),
-                                              "HOME": str(tmp_path)})
+    res = run(["evaluate", "--images", "8", "--train"],
+              {"HASCHED_DATA_DIR": str(tmp_path / "nodata"),
+               "HASCHED_MODELS_DIR": str(tmp_path / "m"), "HOME": str(tmp_path)})
     assert_clean_error(res, "nodata")
 
 
@@ -134,5 +135,6 @@ def test_profile_never_overwrites(tmp_path):
 def test_list_shows_registries():
     res = run(["list"])
     assert res.returncode == 0
-    for name in ("mnist32-cnn", "fashion-cnn", "flip-to-1", "bf16", "ga", "random"):
+    for name in ("mnist32-cnn", "fashion-cnn", "flip-to-1", "bf16", "ga", "random",
+                 "stuck-at", "dead", "systolic", "gpu-tiles", "drum4", "mitchell", "sdc1"):
         assert name in res.stdout

@@ -257,3 +257,33 @@ def test_offline_env_disables_download(isolated, monkeypatch):
     monkeypatch.setenv("HASCHED_OFFLINE", "1")
     with pytest.raises(HaschedError, match="HASCHED_OFFLINE"):
         data.find_dataset_dir("mnist")
+
+
+def test_parse_image_range():
+    from hasched.zoo.data import parse_image_range
+
+    assert parse_image_range(None, 10) == slice(0, 10)
+    assert parse_image_range(4, 10) == slice(0, 4)
+    assert parse_image_range("3:7", 10) == slice(3, 7)
+    assert parse_image_range(":5", 10) == slice(0, 5)
+    assert parse_image_range("6:", 10) == slice(6, 10)
+    assert parse_image_range(slice(2, None), 10) == slice(2, 10)
+    for bad, match in (("x", "bad image range"), ("5:5", "outside 0..10 or empty"),
+                       (11, "outside"), (slice(0, 10, 2), "contiguous")):
+        with pytest.raises(HaschedError, match=match):
+            parse_image_range(bad, 10)
+
+
+def test_input_adapter():
+    from hasched.zoo.data import InputAdapter
+
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    same = InputAdapter((1, 28, 28), (1, 28, 28))
+    assert same.is_identity and same(x) is x and same.describe()["steps"] == []
+    rgb = InputAdapter((1, 28, 28), (3, 28, 28))
+    assert torch.equal(rgb(x), x.expand(3, 3, 28, 28)) and not rgb.is_identity
+    down = InputAdapter((1, 28, 28), (1, 14, 14))
+    # 28 -> 14 half-pixel bilinear without antialiasing = the mean of each 2x2 block.
+    torch.testing.assert_close(down(x), torch.nn.functional.avg_pool2d(x, 2))
+    with pytest.raises(HaschedError, match="cannot adapt 3-channel images to a 2-channel"):
+        InputAdapter((3, 28, 28), (2, 28, 28))

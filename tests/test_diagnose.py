@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from hasched.errors import HaschedError
-from hasched.sim.faults import create_error_model
-from hasched.sim.hardware import AcceleratorConfig, FaultProfile
+from hasched.sim.faults import create_fault
+from hasched.sim.mapping import GpuTiles, Systolic
+from hasched.sim.profile import FaultProfile
 from hasched.study.diagnose import (
     SimulatedChip,
     binomial_ci,
@@ -44,29 +45,28 @@ def test_interval_coverage_at_a_realistic_rate(method, least):
 
 
 def test_test_values_are_always_detected():
-    flip1, flip0 = create_error_model("flip-to-1"), create_error_model("flip-to-0")
+    flip1, flip0 = create_fault("flip-to-1"), create_fault("flip-to-0")
     # 2.0 has exponent 128 (bits 23-29 clear): setting any of them changes it; 1.0 has
     # exponent 127 (bits 23-29 set): flip-to-1 there changes nothing at all.
     assert detection_probability(flip1, 2.0) == 1.0 and detection_probability(flip1, 1.0) == 0
     assert choose_test_value(flip1) == (2.0, 1.0) and choose_test_value(flip0) == (1.0, 1.0)
-    assert choose_test_value(create_error_model("tf32"))[1] == 1.0
-    assert choose_test_value(create_error_model("bitflip"))[1] == 1.0
+    assert choose_test_value(create_fault("tf32"))[1] == 1.0
+    assert choose_test_value(create_fault("bitflip"))[1] == 1.0
 
 
 def test_probe_gemm_counts_land_on_the_right_pe():
-    accel = AcceleratorConfig()
     rates = np.zeros((20, 32))
     rates[7, 13] = 1.0  # one broken PE: every probe on it is corrupted, nothing else is
-    chip = SimulatedChip(FaultProfile(rates=rates), create_error_model("bitflip"), accel, 0)
+    chip = SimulatedChip(FaultProfile(rates=rates), create_fault("bitflip"), GpuTiles(), 0)
     diag = diagnose(chip, runs=2, columns=64)
-    assert diag.trials == 128 and diag.hits[7, 13] == 128 and diag.hits.sum() == 128
+    assert (diag.trials == 128).all() and diag.hits[7, 13] == 128 and diag.hits.sum() == 128
     assert diag.rates[7, 13] == 1.0 and diag.rates.sum() == 1.0
     assert diag.high[0, 0] == pytest.approx(1 - 0.025 ** (1 / 128))
 
 
 def test_diagnosis_covers_the_true_rates_and_ranks_them():
     truth = FaultProfile.generate(5e-3, 1)
-    chip = SimulatedChip(truth, create_error_model("flip-to-1"), seed=3)
+    chip = SimulatedChip(truth, create_fault("flip-to-1"), seed=3)
     diag = diagnose(chip, runs=2, columns=4096)
     check = compare_to_truth(diag, truth)
     # 640 PEs, each inside its exact 95 % interval with probability >= 0.95: the number
@@ -79,10 +79,12 @@ def test_diagnosis_covers_the_true_rates_and_ranks_them():
 
 
 def test_unobserved_threads_and_saved_profile(tmp_path):
-    accel = AcceleratorConfig(n_sms=4, pes_per_sm=32, block_height=16)
-    truth = FaultProfile.generate(0.01, 2, accel)
-    diag = diagnose(SimulatedChip(truth, create_error_model("bitflip"), accel, 0), 1, 512)
+    # 16 of 32 threads per SM are used: those are probed twice, the others never.
+    mapping = GpuTiles(n_sms=4, pes_per_sm=32, block_height=16)
+    truth = FaultProfile.generate(0.01, 2, mapping.pe_shape)
+    diag = diagnose(SimulatedChip(truth, create_fault("bitflip"), mapping, 0), 1, 512)
     assert diag.observed[:, :16].all() and not diag.observed[:, 16:].any()
+    assert (diag.trials[:, :16] == 1024).all() and (diag.trials[:, 16:] == 0).all()
     assert (diag.rates[:, 16:] == 0).all() and (diag.high[:, 16:] == 1).all()
     path = diag.save(tmp_path / "est.json")
     loaded = FaultProfile.load(path)
@@ -90,4 +92,10 @@ def test_unobserved_threads_and_saved_profile(tmp_path):
     with pytest.raises(HaschedError):
         diag.save(tmp_path / "est.npy")
     with pytest.raises(HaschedError):
-        diagnose(SimulatedChip(truth, create_error_model("bitflip"), accel), 0, 10)
+        diagnose(SimulatedChip(truth, create_fault("bitflip"), mapping), 0, 10)
+    with pytest.raises(HaschedError, match="output site"):  # a systolic row mixes PEs
+        diagnose(SimulatedChip(FaultProfile.generate(0.01, 2, (4, 4)),
+                               create_fault("bitflip", site="product"), Systolic(rows=4, cols=4)),
+                 1, 8)
+    with pytest.raises(HaschedError, match="transient"):
+        SimulatedChip(truth, None, mapping)

@@ -13,12 +13,17 @@ import hasched.sim.gemm as gemm_mod
 import hasched.sim.incremental as inc_mod
 from hasched.errors import HaschedError
 from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
-from hasched.sim.faults import ExponentBitError, create_error_model
-from hasched.sim.gemm import ErrorSites
-from hasched.sim.hardware import AcceleratorConfig, FaultProfile
+from hasched.sim.faults import BitError
+from hasched.sim.faults import create_fault as create_error_model
 from hasched.sim.layers import inject_faults, weight_layer_names
+from hasched.sim.mapping import GpuTiles
+from hasched.sim.profile import FaultProfile
 
-ACC = AcceleratorConfig(n_sms=4, pes_per_sm=8, block_height=8, dense_block_width=8)
+ACC = GpuTiles(n_sms=4, pes_per_sm=8, block_height=8, dense_block_width=8)
+
+
+def rates_of(prof: FaultProfile) -> torch.Tensor:
+    return torch.from_numpy(prof.flat_rates().copy())
 
 
 def small_cnn(seed: int = 0) -> nn.Sequential:
@@ -42,27 +47,28 @@ def data(n: int = 40, seed: int = 1):
 
 
 def profile(rate: float) -> FaultProfile:
-    return FaultProfile.generate(rate, 3, ACC)
+    return FaultProfile.generate(rate, 3, ACC.pe_shape)
 
 
 @pytest.mark.parametrize("layers", [["c0"], ["h0"], ["op"], ["c0", "h1"], ["h0", "op"]])
 def test_zero_faults_equal_clean_model(layers):
     m, x = small_cnn(), data()
-    faulty, st = inject_faults(m, layers, profile(0.0), create_error_model("bitflip"), ACC,
-                               torch.Generator().manual_seed(0))
+    faulty, st = inject_faults(m, layers, ACC, rates_of(profile(0.0)),
+                               create_error_model("bitflip"),
+                               generator=torch.Generator().manual_seed(0))
     st.configure(None, repeats=3)
     st.expanded = False
     out = faulty(x)
     assert out.shape == (3 * 40, 5)
-    assert torch.allclose(out, m(x).repeat(3, 1), atol=1e-5)
+    assert torch.equal(out, m(x).repeat(3, 1))  # rate 0 is the clean model, bit for bit
     assert all(p is q for p, q in zip(m.parameters(), faulty.parameters(), strict=True))
 
 
 def test_unknown_layer_and_bad_schedule():
     m = small_cnn()
     with pytest.raises(HaschedError, match="unknown layer"):
-        inject_faults(m, ["h9"], profile(0.1), create_error_model("zero"), ACC)
-    _, st = inject_faults(m, ["h0"], profile(0.1), create_error_model("zero"), ACC)
+        inject_faults(m, ["h9"], ACC, rates_of(profile(0.1)), create_error_model("zero"))
+    _, st = inject_faults(m, ["h0"], ACC, rates_of(profile(0.1)), create_error_model("zero"))
     with pytest.raises(HaschedError, match="permutation"):
         st.configure({"h0": torch.zeros(1, 24, dtype=torch.long)})
     with pytest.raises(HaschedError):
@@ -84,11 +90,12 @@ def test_any_model_not_only_sequential():
     m = Branchy().eval()
     x = torch.randn(30, 6)
     y = m(x).argmax(-1)
-    ev = FaultyEvaluator(m, x, y, ["a", "head"], profile(0.0), create_error_model("zero"), ACC)
+    ev = FaultyEvaluator(m, x, y, ["a", "head"], create_error_model("zero"), profile(0.0),
+                         mapping=ACC)
     assert ev.accuracy(repeats=2).eq(1.0).all()
     # Every partial product of `a` lost: exactly the model with a's weights zeroed.
-    always = FaultProfile(rates=np.ones((ACC.n_sms, ACC.pes_per_sm)))
-    ev = FaultyEvaluator(m, x, y, ["a"], always, create_error_model("zero"), ACC)
+    always = FaultProfile(rates=np.ones(ACC.pe_shape))
+    ev = FaultyEvaluator(m, x, y, ["a"], create_error_model("zero"), always, mapping=ACC)
     with torch.no_grad():
         m.a.weight.zero_()
         expected = float((m(x).argmax(-1) == y).double().mean())
@@ -98,21 +105,16 @@ def test_any_model_not_only_sequential():
 
 def _fixed_sites(monkeypatch):
     """Both paths draw hit sites from one recorded list of per-call draws."""
-    calls: list[ErrorSites] = []
-    real = gemm_mod.sample_sites
+    calls = []
+    real = gemm_mod.sample_hits
 
-    def recording(rates, n_samples, n_cols, generator):
-        s = real(rates, n_samples, n_cols, generator)
+    def recording(fa, n_samples, n_cols, generator):
+        s = real(fa, n_samples, n_cols, generator)
         calls.append(s)
         return s
 
-    def replay(rates, n_samples, n_cols, generator):
-        s = calls.pop(0)
-        if n_samples == 1 and n_cols > 1:
-            # The plain path lays a Linear GEMM out with the images as columns (B=1, C=N),
-            # the incremental one as (B=N, C=1): the same partial products, re-indexed.
-            return ErrorSites(p=s.p, b=torch.zeros_like(s.b), r=s.r, k=s.k, c=s.b)
-        return s
+    def replay(fa, n_samples, n_cols, generator):
+        return calls.pop(0)
 
     return calls, recording, replay
 
@@ -121,23 +123,24 @@ def _fixed_sites(monkeypatch):
 def test_incremental_equals_plain_path_on_the_same_error_instances(monkeypatch, layer):
     m, x = small_cnn(), data(60)
     y = torch.randint(0, 5, (60,), generator=torch.Generator().manual_seed(9))
-    em = ExponentBitError("flip-to-1", low_bit=27, high_bit=27)  # deterministic given sites
+    em = BitError("flip-to-1", low_bit=27, high_bit=27)  # deterministic given sites
     cfg = dict(mode="sparse", memory_mb=4096, max_hits=10**9)  # one chunk on both paths
-    inc = FaultyEvaluator(m, x, y, [layer], profile(0.02), em, ACC, EvalConfig(**cfg))
-    plain = FaultyEvaluator(m, x, y, [layer], profile(0.02), em, ACC,
-                            EvalConfig(incremental=False, **cfg))
+    inc = FaultyEvaluator(m, x, y, [layer], em, profile(0.02),
+        mapping=ACC, config=EvalConfig(**cfg))
+    plain = FaultyEvaluator(m, x, y, [layer], em, profile(0.02), mapping=ACC,
+                            config=EvalConfig(incremental=False, **cfg))
     calls, recording, replay = _fixed_sites(monkeypatch)
     perms = {layer: torch.stack([torch.randperm(inc.rows[layer],
                                                 generator=torch.Generator().manual_seed(i))
                                  for i in range(4)])}
-    monkeypatch.setattr(inc_mod, "sample_sites", recording)
+    monkeypatch.setattr(inc_mod, "sample_hits", recording)
     a = inc.correct(perms, repeats=2, generator=torch.Generator().manual_seed(5))
     assert inc.last_path == "incremental" and len(calls) == 1 and len(calls[0]) > 0
-    monkeypatch.setattr(gemm_mod, "sample_sites", replay)
+    monkeypatch.setattr(gemm_mod, "sample_hits", replay)
     b = plain.correct(perms, repeats=2, generator=torch.Generator().manual_seed(5))
     assert plain.last_path == "dense-suffix"
     assert torch.equal(a, b)
-    assert (a < int(inc.clean_ok.sum())).any()  # the errors did change predictions
+    assert (a < int(inc.clean_score.sum())).any()  # the errors did change predictions
 
 
 def test_incremental_with_a_later_faulty_layer(monkeypatch):
@@ -145,10 +148,12 @@ def test_incremental_with_a_later_faulty_layer(monkeypatch):
     y = m(x).argmax(-1)
     em = create_error_model("tf32")
     cfg = dict(mode="sparse", memory_mb=4096, max_hits=10**9)
-    inc = FaultyEvaluator(m, x, y, ["c0", "h1"], profile(0.01), em, ACC, EvalConfig(**cfg))
+    inc = FaultyEvaluator(m, x, y, ["c0", "h1"], em, profile(0.01),
+        mapping=ACC, config=EvalConfig(**cfg))
     a = inc.correct(None, repeats=3, generator=torch.Generator().manual_seed(1))
     assert inc.last_path == "incremental" and a.shape == (1, 3)
-    z = FaultyEvaluator(m, x, y, ["c0", "h1"], profile(0.0), em, ACC, EvalConfig(**cfg))
+    z = FaultyEvaluator(m, x, y, ["c0", "h1"], em, profile(0.0),
+        mapping=ACC, config=EvalConfig(**cfg))
     assert z.accuracy(None, repeats=2).eq(1.0).all()
 
 
@@ -159,7 +164,8 @@ def test_sparse_and_dense_paths_give_the_same_accuracy_distribution():
     em = create_error_model("flip-to-1")
     acc = {}
     for mode in ("sparse", "dense"):
-        ev = FaultyEvaluator(m, x, y, ["c0"], profile(0.01), em, ACC, EvalConfig(mode=mode))
+        ev = FaultyEvaluator(m, x, y, ["c0"], em, profile(0.01), mapping=ACC,
+                             config=EvalConfig(mode=mode))
         acc[mode] = ev.accuracy(None, repeats=300, generator=torch.Generator().manual_seed(7))
     a, b = acc["sparse"].reshape(-1), acc["dense"].reshape(-1)
     se = (a.var() / a.numel() + b.var() / b.numel()).sqrt()
@@ -170,7 +176,8 @@ def test_sparse_and_dense_paths_give_the_same_accuracy_distribution():
 def test_population_members_are_independent_and_seeded():
     m, x = small_cnn(), data(40)
     y = m(x).argmax(-1)
-    ev = FaultyEvaluator(m, x, y, ["c0"], profile(0.05), create_error_model("bitflip"), ACC)
+    ev = FaultyEvaluator(m, x, y, ["c0"], create_error_model("bitflip"), profile(0.05),
+                         mapping=ACC)
     perms = {"c0": torch.stack([torch.arange(8), torch.arange(8).flip(0)])}
     a = ev.correct(perms, 3, torch.Generator().manual_seed(1))
     b = ev.correct(perms, 3, torch.Generator().manual_seed(1))

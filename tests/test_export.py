@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from hasched.errors import HaschedError
 from hasched.sim.evaluator import FaultyEvaluator
-from hasched.sim.faults import create_error_model
-from hasched.sim.hardware import FaultProfile
+from hasched.sim.faults import create_fault
+from hasched.sim.profile import FaultProfile
 from hasched.study.build import save_schedule
 from hasched.study.export import export_schedule, fold_schedule, load_exported
 from hasched.zoo.models import create_model, init_weights
@@ -121,8 +121,8 @@ def test_non_permutation_and_non_sequential_parent_are_refused():
 def _evaluator(model, images, layer, rate):
     with torch.no_grad():
         labels = model(images).argmax(1)  # clean accuracy 1: every error that flips shows
-    return FaultyEvaluator(model, images, labels, [layer], FaultProfile.generate(rate, 3),
-                           create_error_model("flip-to-1"))
+    return FaultyEvaluator(model, images, labels, [layer], create_fault("flip-to-1"),
+                           FaultProfile.generate(rate, 3))
 
 
 def _small_cnn() -> nn.Module:
@@ -146,7 +146,8 @@ def test_exported_model_on_identity_has_the_scheduled_fault_statistics():
     # Exactly: every weight row meets the same weights and the same fault rates.
     ev_s.state.configure({"c": perm[None]})
     ev_e.state.configure(None)
-    rs, re_ = ev_s.state.layers["c"].rates[0], ev_e.state.layers["c"].rates[0]  # (8, 1)
+    rs = ev_s.state.layers["c"].faults.rates[0]  # (8, n_chains, 1)
+    re_ = ev_e.state.layers["c"].faults.rates[0]
     assert torch.equal(re_, rs[perm]) and torch.equal(folded.c.weight, model.c.weight[perm])
     # In distribution: accuracy over 200 error instances each agrees within 4 standard
     # errors (the fault process of a row depends only on its weights, inputs and rates).

@@ -1,17 +1,43 @@
-"""Error models on hand-made FP32 bit patterns."""
+"""Fault models on hand-made FP32 and integer bit patterns."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from hasched.errors import HaschedError
+from hasched.sim.arithmetic import Word
 from hasched.sim.faults import (
+    FAULTS,
     PAPER_FR_MAX,
-    ExponentBitError,
-    create_error_model,
-    list_error_models,
+    BitError,
+    ChipFault,
+    PermanentFault,
+    create_fault,
 )
+from hasched.sim.profile import ChipMap
+
+F32 = Word("float32")
+I16, I32 = Word("int", 16), Word("int", 32)
+TRANSIENT = [n for n in FAULTS.names() if n not in ("stuck-at", "dead")]
+
+
+class _Compat:
+    """``corrupt(values, generator)`` / ``corrupt_u(values, u)`` on float32 words."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def corrupt(self, x, g):
+        return self.model.corrupt(x, F32, None, None, g)
+
+    def corrupt_u(self, x, u):
+        return self.model.corrupt(x, F32, None, u, None)
+
+
+def create_error_model(name, **kw):
+    return _Compat(create_fault(name, **kw))
 
 
 def bits(x: torch.Tensor) -> list[int]:
@@ -23,8 +49,8 @@ def from_bits(*words: int) -> torch.Tensor:
     return torch.tensor(signed, dtype=torch.int32).view(torch.float32)
 
 
-def fixed(mode: str, bit: int) -> ExponentBitError:
-    return ExponentBitError(mode=mode, low_bit=bit, high_bit=bit)
+def fixed(mode: str, bit: int) -> _Compat:
+    return _Compat(BitError(mode=mode, low_bit=bit, high_bit=bit))
 
 
 def test_flip_to_one_sets_the_bit():
@@ -80,7 +106,7 @@ def test_zero():
     assert create_error_model("zero").corrupt(torch.randn(5), None).eq(0).all()
 
 
-@pytest.mark.parametrize("name", list_error_models())
+@pytest.mark.parametrize("name", TRANSIENT)
 def test_every_model_is_deterministic_and_shape_preserving(name):
     x = torch.randn(3, 4)
     a = create_error_model(name).corrupt(x, torch.Generator().manual_seed(5))
@@ -90,8 +116,8 @@ def test_every_model_is_deterministic_and_shape_preserving(name):
 
 
 def test_registry_and_bad_input():
-    assert set(PAPER_FR_MAX) <= set(list_error_models())
-    with pytest.raises(HaschedError, match="unknown error model"):
+    assert set(PAPER_FR_MAX) <= set(FAULTS.names())
+    with pytest.raises(HaschedError, match="unknown fault model"):
         create_error_model("flip-to-2")
     with pytest.raises(HaschedError):
         create_error_model("bitflip", low_bit=30, high_bit=23)
@@ -109,3 +135,64 @@ def test_corrupt_u_maps_uniforms_onto_bits_evenly():
     assert torch.equal(torch.bincount(b, minlength=30)[23:30], torch.full((7,), 1000))
     assert torch.equal(em.corrupt_u(torch.zeros(1), torch.ones(1)).view(torch.int32),
                        torch.tensor([1 << 29], dtype=torch.int32))  # u=1 stays in range
+
+
+def test_integer_words_flip_twos_complement_bits():
+    x = torch.tensor([0.0, 5.0, -1.0, 300.0], dtype=torch.float64)
+    # bit 15 is the sign bit of a 16-bit product: 0 -> -32768; -1 (all ones) stays
+    out = BitError("flip-to-1", 15, 15).corrupt(x, I16, None, None, None)
+    assert out.tolist() == [-32768.0, 5.0 - 32768.0, -1.0, 300.0 - 32768.0]
+    # clearing bit 0 of -1 gives -2; of 5 gives 4; bitflip of 300 at bit 2 gives 296
+    assert BitError("flip-to-0", 0, 0).corrupt(x, I32, None, None, None).tolist() == [
+        0.0, 4.0, -2.0, 300.0]
+    assert BitError("bitflip", 2, 2).corrupt(x, I32, None, None, None).tolist() == [
+        4.0, 1.0, -5.0, 296.0]
+    # default bit range of an integer word is the whole word
+    assert BitError("bitflip").bit_range(I16) == (0, 15)
+    assert BitError("bitflip").bit_range(F32) == (23, 29)
+
+
+def test_truncation_refuses_integer_words():
+    with pytest.raises(HaschedError, match="float32"):
+        create_fault("bf16").check_word(I32)
+
+
+def _chip(kind, bit, value):
+    k = np.array([[kind, 0]], dtype=np.int8)
+    return ChipMap(k, np.array([[bit, 0]]), np.array([[value, 0]]))
+
+
+def test_stuck_at_and_dead_by_hand():
+    x = torch.tensor([6.0, -3.0, 0.0], dtype=torch.float64)
+    pe = torch.zeros(3, dtype=torch.long)  # all on the faulty PE 0
+    # 6 = 0b110: stuck-at-1 on bit 0 -> 7; -3 = ...11101 -> -3; 0 -> 1
+    assert ChipFault(_chip(1, 0, 1)).corrupt(x, I16, pe, None, None).tolist() == [7, -3, 1]
+    # stuck-at-0 on bit 1: 6 -> 4; -3 (...11101: bit 1 is 0) -> -3; 0 -> 0
+    assert ChipFault(_chip(1, 1, 0)).corrupt(x, I16, pe, None, None).tolist() == [4, -3, 0]
+    assert ChipFault(_chip(2, 0, 0)).corrupt(x, I16, pe, None, None).tolist() == [0, 0, 0]
+    healthy = torch.ones(3, dtype=torch.long)  # PE 1 is fine: values pass unchanged
+    assert ChipFault(_chip(1, 0, 1)).corrupt(x, I16, healthy, None, None).tolist() == [6, -3, 0]
+    f = torch.tensor([1.0], dtype=torch.float32)  # float32 word: bit 31 is the sign
+    out = ChipFault(_chip(1, 31, 1)).corrupt(f, F32, torch.zeros(1, dtype=torch.long), None,
+                                             None)
+    assert out.tolist() == [-1.0]
+
+
+def test_stuck_bit_must_fit_the_word():
+    with pytest.raises(HaschedError, match="outside"):
+        ChipFault(_chip(1, 20, 1)).check_word(I16)
+    ChipFault(_chip(1, 20, 1)).check_word(I32)
+
+
+def test_permanent_fault_recipes_sample_chips():
+    pf = create_fault("stuck-at", bit=14, value=1)
+    assert isinstance(pf, PermanentFault)
+    chip = pf.sample_chip((16, 16), 0.05, seed=3)
+    assert int(chip.faulty.sum()) == round(0.05 * 256)
+    assert (chip.bit[chip.faulty] == 14).all() and (chip.value[chip.faulty] == 1).all()
+    assert np.array_equal(chip.kind, pf.sample_chip((16, 16), 0.05, seed=3).kind)
+    assert not np.array_equal(chip.kind, pf.sample_chip((16, 16), 0.05, seed=4).kind)
+    with pytest.raises(HaschedError):
+        create_fault("stuck-at", bit=40)
+    with pytest.raises(HaschedError):
+        create_fault("stuck-at", value=2)

@@ -14,7 +14,8 @@ import torch
 
 from hasched.errors import HaschedError
 from hasched.search import create_searcher
-from hasched.study.build import FaultScenario, build_evaluator, load_schedule, save_schedule
+from hasched.study.build import build_evaluator, load_schedule, save_schedule
+from hasched.study.scenario import Scenario
 from hasched.study.schedule_search import (
     ScheduleProblem,
     SearchSettings,
@@ -34,15 +35,14 @@ def store(tmp_path_factory):
 
 def _ev(store, fr_max=5e-3, images="96:"):
     d, m = store
-    scn = FaultScenario("flip-to-1", fr_max, 1)
-    return build_evaluator("mnist32-cnn", 1, ["c0"], scn, images, data_dir=d, models_dir=m,
-                           progress=False)
+    scn = Scenario(layers=("c0",), fault="flip-to-1", fr_max=fr_max, images=images)
+    return build_evaluator(scn, data_dir=d, models_dir=m, progress=False)
 
 
 def _kw(store, **over):
     d, m = store
-    s = SearchSettings(population=4, generations=2, runs=2, repeats=2, search_images="96:",
-                       holdout_images=":32", holdout_repeats=3)
+    s = SearchSettings(scenario=Scenario(repeats=2), population=4, generations=2, runs=2,
+                       search_images="96:", holdout_images=":32", holdout_repeats=3)
     return dict(settings=s, data_dir=d, models_dir=m, progress=False, **over)
 
 
@@ -157,7 +157,7 @@ def test_reproduce_plan_covers_the_papers_cases():
 
     cases = paper_cases()
     assert len(cases) == 6 + 18 + 6 == len({c.slug for c in cases})
-    assert {c.layers for c in cases if c.model == "fashion-cnn"} == {"c0", "c1", "c0,c1"}
+    assert {c.layers for c in cases if c.model == "fashion-cnn"} == {"c0", "c1", "c0+c1"}
     assert FULL.profile_seeds == (1, 2) and set(QUICK.cases) <= set(cases)
     hs, ho = QUICK.settings.search_images, QUICK.settings.holdout_images
     check_disjoint({"start": int(hs.split(":")[0]), "stop": int(hs.split(":")[1])},
@@ -168,7 +168,8 @@ def test_reproduce_plan_covers_the_papers_cases():
 
 
 def test_slot_exposure_and_rate_maps_match_the_profile_and_schedules(store):
-    from hasched.sim.hardware import FaultProfile, row_rates
+    from hasched.sim.layers import row_rates
+    from hasched.sim.profile import FaultProfile
 
     ev = _ev(store, fr_max=0.05)
     prof = FaultProfile.generate(0.05, 1)
@@ -184,10 +185,10 @@ def test_slot_exposure_and_rate_maps_match_the_profile_and_schedules(store):
     assert torch.equal(a, b)
     # All-zero rates: exactly the clean accuracy, every repeat.
     zero = ev.accuracy(repeats=2, generator=torch.Generator().manual_seed(0),
-                       rates={"c0": torch.zeros(3, 32, 1)})
+                       rates={"c0": torch.zeros(3, 32, 1, 1)})
     assert zero.shape == (3, 2) and torch.all(zero == ev.clean_accuracy)
     with pytest.raises(HaschedError, match="rates must be"):
-        ev.correct(rates={"c0": torch.zeros(1, 31, 1)})
+        ev.correct(rates={"c0": torch.zeros(1, 31, 1, 1)})
     with pytest.raises(HaschedError, match="not both"):
         ev.correct({"c0": perm}, rates=rates)
 
@@ -196,8 +197,8 @@ def test_schedule_problem_is_model_aware_and_resumable(store):
     ev = _ev(store, fr_max=0.2)
     p = ScheduleProblem(ev, 2, seed=3)
     assert torch.equal(p.slot_exposure()["c0"], ev.slot_exposure()["c0"])
-    assert p.slot_rates()["c0"].shape == (32, 1) and p.weights()["c0"].shape == (32, 16)
-    probe = {"c0": torch.zeros(4, 32, 1)}
+    assert p.slot_rates()["c0"].shape == (32, 1, 1) and p.weights()["c0"].shape == (32, 16)
+    probe = {"c0": torch.zeros(4, 32, 1, 1)}
     probe["c0"][:, 0] = 1.0
     a, b = p.evaluate_rates(probe), p.evaluate_rates(probe)
     assert p.evaluated == 8 and a.shape == (4,) and not torch.equal(a, b)
@@ -220,7 +221,7 @@ def test_every_searcher_runs_through_the_pipeline(store, tmp_path, alg):
 
 
 def test_plan_profile_drives_planning_only(store, tmp_path):
-    from hasched.sim.hardware import FaultProfile
+    from hasched.sim.profile import FaultProfile
 
     FaultProfile.generate(5e-3, 1).save(tmp_path / "same.json")
     flipped = FaultProfile.generate(5e-3, 1).rates[:, ::-1]

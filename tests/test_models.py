@@ -32,8 +32,9 @@ def amax(t: torch.Tensor) -> float:
     return float(t.detach().abs().max())
 
 
-def test_registry_lists_both_models():
-    assert list_models() == ["fashion-cnn", "mnist32-cnn"]
+def test_registry_lists_the_zoo():
+    assert list_models() == ["fashion-cnn", "mlp", "mnist32-cnn", "mobilenet_v3_small",
+                             "resnet18"]
     spec = get_model_spec("mnist32-cnn")
     assert (spec.dataset, spec.input_shape) == ("mnist32", (1, 32, 32))
     assert spec.recipe == TrainRecipe("sgd", 0.01, 0.9, 1024, 25, 60000, "he_uniform")
@@ -43,7 +44,7 @@ def test_registry_lists_both_models():
 
 
 def test_unknown_model_lists_known_ones():
-    with pytest.raises(HaschedError, match="unknown model 'lenet'; known: mnist32-cnn, fash"):
+    with pytest.raises(HaschedError, match="unknown model 'lenet'; known: mnist32-cnn, fash.*mlp"):
         create_model("lenet")
     with pytest.raises(HaschedError, match="unknown model ''"):
         get_model_spec("")
@@ -141,3 +142,28 @@ def test_init_weights_is_seeded_and_within_keras_bounds():
     assert amax(f.op.bias) == 0
     with pytest.raises(ValueError, match="unknown init"):
         init_weights(f, "orthogonal", torch.Generator())
+
+
+def test_builders_take_keyword_arguments():
+    model = create_model("mlp", hidden=(32,), num_classes=4, in_channels=3, image_size=8)
+    assert [n for n, _ in model.named_children()] == ["flatten", "h0", "h0_relu", "op"]
+    assert (model.h0.in_features, model.h0.out_features, model.op.out_features) == (192, 32, 4)
+    with pytest.raises(HaschedError, match="model 'mlp': bad parameters.*takes: hidden, num_cl"):
+        create_model("mlp", depth=3)
+    with pytest.raises(HaschedError, match="model 'mnist32-cnn': bad parameters.*takes: none"):
+        create_model("mnist32-cnn", num_classes=3)
+
+
+def test_mlp_default_is_784_256_128_10():
+    model = create_model("mlp")
+    assert weight_layers(model) == ["h0", "h1", "op"]
+    shapes = [tuple(getattr(model, n).weight.shape) for n in weight_layers(model)]
+    assert shapes == [(256, 784), (128, 256), (10, 128)]
+    assert n_params(model) == 784 * 256 + 256 + 256 * 128 + 128 + 128 * 10 + 10
+    spec = get_model_spec("mlp")
+    assert (spec.dataset, spec.input_shape, spec.recipe.init) == ("mnist", (1, 28, 28),
+                                                                  "he_uniform")
+    assert spec.input_shape_for({"in_channels": 3, "image_size": 32}) == (3, 32, 32)
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    cut = list(dict(model.named_children())).index("h1")
+    torch.testing.assert_close(model[cut:](model[:cut](x)), model(x))

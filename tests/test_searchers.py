@@ -25,7 +25,7 @@ from hasched.search.algorithms.criticality import (
     probe_rate,
 )
 from hasched.search.algorithms.hybrid import neighbours
-from hasched.sim.hardware import row_rates
+from hasched.sim.layers import row_rates
 from search_problems import RateProblem, random_rate_problem
 
 

@@ -159,7 +159,7 @@ def _assert_rejected_untouched(folder: Path, match: str, models_dir: Path, monke
     def no_training(*args, **kwargs):
         raise AssertionError("a corrupt checkpoint must not be retrained over")
 
-    monkeypatch.setattr(train, "train_model", no_training)
+    monkeypatch.setattr(train, "train_ref", no_training)
     with pytest.raises(HaschedError, match=match):
         load_or_train("mnist32-cnn", 0, models_dir)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -200,16 +200,23 @@ def test_half_missing_checkpoint_is_reported(stored, models_dir, monkeypatch):
 
 
 def test_load_or_train_trains_once_then_loads(data_dir, models_dir, monkeypatch):
-    real_train = train.train_model
+    real_train = train.train_ref
     calls = []
 
     def quick_train(*args, **kwargs):
         calls.append(kwargs)
         return real_train(*args, **{**kwargs, "max_steps": 1, "train_subset": 16})
 
-    monkeypatch.setattr(train, "train_model", quick_train)
+    monkeypatch.setattr(train, "train_ref", quick_train)
     messages: list[str] = []
-    model, meta = load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append)
+    # A missing checkpoint is an error unless training was asked for: the message names
+    # the store, the seeds it holds and the command to run.
+    with pytest.raises(CheckpointNotFoundError, match=r"seed 7 in the store .*--train") as err:
+        load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append)
+    assert "hasched train --model mnist32-cnn --seed 7" in str(err.value)
+    assert not calls and not messages
+    model, meta = load_or_train("mnist32-cnn", 7, models_dir, data_dir, False, messages.append,
+                                train=True)
     assert len(calls) == 1 and len(messages) == 1
     assert messages[0].startswith("no checkpoint for mnist32-cnn seed 7: training")
     assert (checkpoint_dir("mnist32-cnn", 7, models_dir) / "model.safetensors").is_file()

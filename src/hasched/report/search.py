@@ -9,7 +9,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["plot_convergence", "plot_recovery", "plot_cases", "plot_searchers", "write_markdown"]
+from hasched.io import atomic_write  # noqa: E402
+
+__all__ = ["plot_convergence", "plot_recovery", "plot_cases", "plot_searchers", "save_figure",
+           "write_markdown"]
 
 _COLORS = {"ga": "tab:blue", "random": "tab:orange", "criticality": "tab:green",
            "hybrid": "tab:purple", "cma": "tab:brown"}
@@ -18,6 +21,16 @@ _LABELS = {"ga": "HAS GA"}
 
 def _label(alg: str) -> str:
     return _LABELS.get(alg, alg)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Writes ``fig`` atomically (format from the suffix) and closes it, even on failure."""
+    path = Path(path)
+    try:
+        return atomic_write(path, lambda fh: fig.savefig(fh, format=path.suffix.lstrip(".")
+                                                         or "png", dpi=dpi))
+    finally:
+        plt.close(fig)
 
 
 def plot_convergence(rows: list[dict], path: str | Path, title: str = "") -> Path:
@@ -45,9 +58,7 @@ def plot_convergence(rows: list[dict], path: str | Path, title: str = "") -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _bar(ax, labels, stats, colors) -> None:
@@ -62,7 +73,7 @@ def _bar(ax, labels, stats, colors) -> None:
 def plot_recovery(summary: dict, path: str | Path) -> Path:
     """Held-out clean / degraded (identity) / recovered (HAS) / random bars with 95% CIs."""
     r = summary["results"]
-    s = summary["settings"]
+    s = _flat(summary["settings"])
     fig, ax = plt.subplots(figsize=(5, 4))
     alg = _label(s.get("algorithm", "ga")).replace("HAS GA", "HAS")
     bars = [("clean", r["clean"], "tab:green"), ("degraded\n(identity)", r["identity"], "tab:red"),
@@ -75,9 +86,7 @@ def plot_recovery(summary: dict, path: str | Path) -> Path:
     ax.set_title(f"{s['model']} seed {s['seed']} {'+'.join(summary['layers'])} {s['error']} "
                  f"FR_max {s['fr_max']:g} (profile {s['profile_seed']})", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_cases(cases: list[dict], path: str | Path) -> Path:
@@ -104,9 +113,13 @@ def plot_cases(cases: list[dict], path: str | Path) -> Path:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
+
+
+def _flat(settings: dict) -> dict:
+    """Search settings with the scenario's fields on top (``error`` = the fault model)."""
+    scn = settings.get("scenario", {})
+    return {**scn, "error": scn.get("fault"), **settings}
 
 
 def _fmt(st: dict) -> str:
@@ -115,7 +128,7 @@ def _fmt(st: dict) -> str:
 
 def write_markdown(summary: dict, path: str | Path) -> Path:
     """A short markdown summary of one search folder."""
-    s, r, se = summary["settings"], summary["results"], summary["search"]
+    s, r, se = _flat(summary["settings"]), summary["results"], summary["search"]
     frac = summary["recovered_fraction"]
     alg = _label(s["algorithm"])
     opts = ", ".join(f"{k}={v}" for k, v in s.get("options", {}).items())
@@ -152,8 +165,7 @@ def write_markdown(summary: dict, path: str | Path) -> Path:
         "recovery.png, summary.json.",
         "",
     ]
-    Path(path).write_text("\n".join(lines))
-    return Path(path)
+    return atomic_write(path, "\n".join(lines))
 
 
 def plot_searchers(curves: list[dict], path: str | Path, title: str = "") -> Path:
@@ -185,6 +197,4 @@ def plot_searchers(curves: list[dict], path: str | Path, title: str = "") -> Pat
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

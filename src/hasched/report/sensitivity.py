@@ -17,9 +17,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hasched.errors import HaschedError  # noqa: E402
-from hasched.study.campaign import read_config, summarize_results, write_tables  # noqa: E402
+from hasched.io import atomic_write, check_out_dir, claim_out_dir  # noqa: E402
+from hasched.report.search import save_figure  # noqa: E402
+from hasched.study.campaign import (  # noqa: E402
+    load_results,
+    read_config,
+    summarize_results,
+    write_tables,
+)
 
-__all__ = ["plot_sensitivity", "sensitivity_findings", "write_report"]
+__all__ = ["check_report_dir", "plot_sensitivity", "sensitivity_findings", "write_report"]
 
 THRESHOLD_PTS = 5.0
 
@@ -54,10 +61,7 @@ def plot_sensitivity(summary: pd.DataFrame, model: str, path: str | Path) -> Pat
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{model}: accuracy vs maximum fault rate (mean +- std)")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def sensitivity_findings(summary: pd.DataFrame) -> pd.DataFrame:
@@ -158,15 +162,34 @@ def write_report(dirs: str | Path | list[str | Path], out: str | Path | None = N
     dirs = [Path(d) for d in (dirs if isinstance(dirs, list) else [dirs])]
     if not dirs:
         raise HaschedError("no campaign folder given")
-    frames, configs = [], []
-    for d in dirs:
-        configs.append(read_config(d))
-        frames.append(write_tables(d)[0])
-    df = pd.concat(frames, ignore_index=True)
-    if df.empty:
+    configs = [read_config(d) for d in dirs]
+    if all(load_results(d).empty for d in dirs):
         raise HaschedError(f"no finished cells in {', '.join(map(str, dirs))} yet")
     out = Path(out) if out is not None else dirs[0]
-    out.mkdir(parents=True, exist_ok=True)
+    check_report_dir(out)  # before anything is written, the campaigns' tables included
+    df = pd.concat([write_tables(d)[0] for d in dirs], ignore_index=True)
+    with claim_out_dir(out, {"hasched": "report", "campaigns": [str(d) for d in dirs]},
+                       lock=False):
+        return _write(out, dirs, configs, df)
+
+
+def check_report_dir(out: str | Path) -> bool:
+    """The output-folder policy of ``report --out``: new, empty, a campaign or a report folder.
+
+    Raises:
+        HaschedError: ``out`` is a file, foreign, or holds another command's config.json.
+    """
+    def compatible(cfg: dict, path: Path) -> None:
+        campaign = isinstance(cfg.get("config"), dict) and "format" in cfg
+        if not campaign and cfg.get("hasched") != "report":
+            raise HaschedError(f"{path} is neither a campaign's nor a report's config; use "
+                               "another --out")
+
+    return check_out_dir(out, what="report", compatible=compatible)
+
+
+def _write(out: Path, dirs: list[Path], configs: list, df: pd.DataFrame) -> dict:
+    """Figures, then report.md, into ``out`` (each written atomically)."""
     summary = summarize_results(df)
     figures = [plot_sensitivity(summary, model, out / f"sensitivity-{model}.png")
                for model in sorted(set(summary["model"]))]
@@ -203,8 +226,5 @@ def write_report(dirs: str | Path | list[str | Path], out: str | Path | None = N
                      f"{100 * r.accuracy_std:.2f} | {r.degradation_mean_pts:.2f} +- "
                      f"{r.degradation_std_pts:.2f} |")
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
-    report = out / "report.md"
-    tmp = report.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(report)
+    report = atomic_write(out / "report.md", "\n".join(lines))
     return {"report": report, "figures": figures, "summary": summary, "findings": findings}

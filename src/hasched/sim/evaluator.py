@@ -1,14 +1,22 @@
-"""Accuracy of a model on the faulty accelerator: the one evaluation engine.
+"""A model on the faulty accelerator: the one evaluation engine.
 
 :class:`FaultyEvaluator` is what ``hasched evaluate``, the sensitivity campaigns and the
-schedule search all call. It loads nothing by itself (see :mod:`hasched.study.build` for that) and
+schedule search all call. It loads nothing by itself (see :mod:`hasched.study.build`) and
 does the expensive parts once:
 
-* the clean *prefix* of an ``nn.Sequential`` model (the modules before the first faulty
-  layer) runs once, and its output is cached;
-* the clean predictions are cached, so the clean accuracy costs nothing later;
-* a whole population of schedules x repeats is evaluated in one pass over the images,
-  in chunks sized to a memory budget.
+* the clean *prefix* of an ``nn.Sequential`` model (the modules before the first child that
+  holds a faulty layer) runs once and its output is cached;
+* the fault-free predictions and scores are cached;
+* a whole population of schedules x repeats is evaluated in one pass over the images, in
+  chunks sized to a memory budget;
+* at sparse rates, when the first faulty layer is a direct child of the Sequential, only
+  the changes are propagated (:mod:`hasched.sim.incremental`); otherwise the model runs
+  densely on the folded population batch (residual blocks and any ``nn.Module`` included:
+  the input is expanded to the population when the first faulty layer sits inside a block).
+
+BatchNorm layers run in eval mode with their running statistics (they are not folded into
+the convolutions: a fault hits the convolution's partial products, before the affine
+normalisation).
 """
 
 from __future__ import annotations
@@ -21,11 +29,15 @@ import torch
 import torch.nn as nn
 
 from hasched.errors import HaschedError
-from hasched.sim.faults import ErrorModel
+from hasched.sim.arithmetic import Arithmetic, Fp32
+from hasched.sim.faults import ChipFault, FaultModel
 from hasched.sim.gemm import choose_mode
-from hasched.sim.hardware import AcceleratorConfig, FaultProfile
 from hasched.sim.incremental import IncrementalEngine
-from hasched.sim.layers import FaultState, inject_faults
+from hasched.sim.layers import FaultState, FaultyLayer, inject_faults
+from hasched.sim.mapping import GpuTiles, Mapping
+from hasched.sim.metrics import Metric, resolve_metric
+from hasched.sim.probe import activation_probe
+from hasched.sim.profile import ChipMap, FaultProfile
 
 __all__ = ["EvalConfig", "FaultyEvaluator", "summarize"]
 
@@ -38,9 +50,10 @@ class EvalConfig:
         mode: Injection mode, ``"auto"``, ``"dense"`` or ``"sparse"``.
         memory_mb: Working-set budget of one chunk of images.
         prefix_batch: Images per batch when the clean prefix and predictions are computed.
-        incremental: Use delta propagation (:mod:`hasched.sim.incremental`) when the first
-            faulty layer is on the sparse path and the model is an ``nn.Sequential``.
+        incremental: Use delta propagation when the first faulty layer is sparse and a
+            direct child of an ``nn.Sequential``.
         max_hits: Cap on sampled hits per chunk on the incremental path (memory).
+        calibration_images: Images used for int8 activation scales when none are given.
     """
 
     mode: str = "auto"
@@ -48,109 +61,159 @@ class EvalConfig:
     prefix_batch: int = 1024
     incremental: bool = True
     max_hits: int = 4_000_000
+    calibration_images: int = 512
 
 
-def _first_faulty_child(model: nn.Sequential, layers: list[str]) -> int:
-    names = [n for n, _ in model.named_children()]
-    heads = {layer.split(".")[0] for layer in layers}
-    return min(names.index(h) for h in heads)
+def _fault_source(fault, profile, chip, mapping: Mapping) -> tuple[FaultModel, torch.Tensor]:
+    """The fault model and per-PE hit probabilities from (fault, profile) or a chip."""
+    if chip is not None:
+        if profile is not None:
+            raise HaschedError("give either a transient profile or a chip map, not both")
+        chip.check(mapping.pe_shape)
+        model = ChipFault(chip)
+        return model, model.faulty_pes().double()
+    if fault is None or profile is None:
+        raise HaschedError("a transient fault model needs a fault profile (or pass a chip)")
+    if getattr(fault, "permanent", False):
+        raise HaschedError(f"{fault.name} is a permanent fault: sample a chip map for it "
+                           "(ChipMap.sample / PermanentFault.sample_chip) and pass chip=")
+    profile.check(mapping.pe_shape)
+    return fault, torch.from_numpy(profile.flat_rates().copy())
 
 
 class FaultyEvaluator:
-    """Top-1 accuracy of ``model`` with ``layers`` on a faulty accelerator.
+    """A metric of ``model`` with ``layers`` on a simulated, faulty accelerator.
 
     Args:
         model: Any classifier ``nn.Module`` (evaluated in eval mode, on ``images.device``).
         images: ``(N, ...)`` inputs; their device is the device of every computation.
         labels: ``(N,)`` class indices.
-        layers: Names of the layers that run on the faulty accelerator.
-        profile: Per-PE fault rates.
-        error_model: What a hit does to a partial product.
-        accel: Accelerator geometry.
+        layers: Names of the layers that run on the accelerator.
+        fault: Transient fault model (with ``profile``).
+        profile: Per-PE transient rates over ``mapping.pe_shape``.
+        chip: Permanent faults of one chip (instead of ``fault``/``profile``).
+        mapping: Where partial products run (default: gpu-tiles, 20 SMs x 32 PEs).
+        arithmetic: Datapath (default fp32).
+        calibration: Images for int8 activation scales (default: the first
+            ``config.calibration_images`` of ``images``; pass training images to avoid
+            calibrating on the test set).
+        metric: ``top1``, ``top5``, ``sdc1`` or a callable (see :mod:`hasched.sim.metrics`).
         config: Engine settings.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        layers: list[str],
-        profile: FaultProfile,
-        error_model: ErrorModel,
-        accel: AcceleratorConfig | None = None,
-        config: EvalConfig | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 layers: list[str], fault: FaultModel | None = None,
+                 profile: FaultProfile | None = None, *, chip: ChipMap | None = None,
+                 mapping: Mapping | None = None, arithmetic: Arithmetic | None = None,
+                 calibration: torch.Tensor | None = None, metric: str | Metric = "top1",
+                 config: EvalConfig | None = None) -> None:
         if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
             raise HaschedError(f"need as many labels as images (got {images.shape[0]} images, "
                                f"{labels.shape[0]} labels)")
         self.config = config or EvalConfig()
+        self.mapping = mapping or GpuTiles()
+        self.arithmetic = arithmetic or Fp32()
+        self.metric_name, self.metric = resolve_metric(metric)
         self.device = images.device
         self.layers = list(layers)
+        self.fault_model, rates = _fault_source(fault, profile, chip, self.mapping)
         model = model.to(self.device).eval()
+        probe = activation_probe(model, self.layers, images, calibration, self.arithmetic,
+                                 self.mapping, self.config.calibration_images)
         self.faulty, self.state = inject_faults(
-            model, self.layers, profile, error_model, accel, mode=self.config.mode
-        )
+            model, self.layers, self.mapping, rates, self.fault_model, self.arithmetic,
+            in_absmax=probe.absmax, spatial=probe.spatial, mode=self.config.mode)
         self.faulty.eval()
         self.labels = labels.to(self.device)
         with torch.no_grad():
-            if isinstance(model, nn.Sequential):
-                first = _first_faulty_child(model, self.layers)
-                prefix = model[:first]
-                self.suffix: nn.Module = self.faulty[first:]
-                self.inputs = torch.cat([prefix(b) for b in self._batches(images)])
-                self._expand_input = False
-            else:
-                self.suffix, self.inputs, self._expand_input = self.faulty, images, True
-            self.state.enabled = False
-            self.clean_pred = torch.cat(
-                [self.suffix(b).argmax(-1) for b in self._batches(self.inputs)]
-            )
-            self.state.enabled = True
-            self._per_sample_bytes = self._probe_bytes()
-        self.clean_ok = self.clean_pred == self.labels
+            self._split(model, images)
+            self._clean_pass()
+            self.state.check_called(lambda: self._run(self.inputs[:1], clean=True))
         self._engine: IncrementalEngine | None = None
         self.last_path = ""
 
+    # ------------------------------------------------------------------------ set-up
+    def _split(self, model: nn.Module, images: torch.Tensor) -> None:
+        """Caches the clean prefix of a Sequential; decides how the batch is folded."""
+        self._direct = False
+        if isinstance(model, nn.Sequential):
+            names = [n for n, _ in model.named_children()]
+            heads = {layer.split(".")[0] for layer in self.layers}
+            first = min(names.index(h) for h in heads)
+            self.suffix: nn.Module = self.faulty[first:]
+            self.inputs = torch.cat([model[:first](b) for b in self._batches(images)])
+            self._direct = isinstance(self.suffix[0], FaultyLayer)
+        else:
+            self.suffix, self.inputs = self.faulty, images
+        # A faulty layer nested in a block (residual branches!) needs the whole population
+        # in the block's input; a direct child may expand the batch itself.
+        self._expand_input = not self._direct
+
+    def _clean_pass(self) -> None:
+        """Fault-free predictions of the accelerator (and of the fp32 reference)."""
+        st = self.state
+        st.faults_on = False
+        logits = torch.cat([self.suffix(b) for b in self._batches(self.inputs)])
+        st.faults_on = True
+        self.clean_pred = logits.argmax(-1)
+        self.clean_score = self.metric(logits, self.labels, self.clean_pred)
+        if isinstance(self.arithmetic, Fp32):
+            self.reference_score = float(self.clean_score.mean())
+        else:
+            st.enabled = False
+            ref = torch.cat([self.suffix(b) for b in self._batches(self.inputs)])
+            st.enabled = True
+            self.reference_score = float(self.metric(ref, self.labels, ref.argmax(-1)).mean())
+        self._per_sample_bytes = self._probe_bytes()
+
+    def _run(self, x: torch.Tensor, clean: bool = False) -> torch.Tensor:
+        st = self.state
+        st.faults_on = not clean
+        st.expanded = self._expand_input and not clean
+        try:
+            if st.expanded:
+                x = x.repeat(st.population, *([1] * (x.dim() - 1)))
+            return self.suffix(x)
+        finally:
+            st.faults_on = True
+
     def _incremental(self) -> IncrementalEngine | None:
         """The delta engine, built on first use (it caches clean activations)."""
-        if self._expand_input or not self.config.incremental:
+        if not (self._direct and self.config.incremental):
             return None
-        first = next(iter(self.suffix))
-        if first not in self.state.layers.values():
+        first = self.suffix[0]
+        if choose_mode(first.faults, self.config.mode) == "dense":
             return None
-        if choose_mode(first.rates, self.config.mode) != "sparse":
+        if first.faults.model.permanent and first.faults.expected_hits(1, 1) > 1e5:
             return None
         if self._engine is None:
             self._engine = IncrementalEngine(self.suffix, self.inputs, self.state,
                                              self.config.prefix_batch)
         return self._engine
 
+    # -------------------------------------------------------------------- properties
     @property
     def n_images(self) -> int:
         return int(self.labels.shape[0])
 
     @property
     def clean_accuracy(self) -> float:
-        return float((self.clean_pred == self.labels).float().mean())
+        """Fault-free metric of the accelerator (for int8: of the quantised model)."""
+        return float(self.clean_score.mean())
 
     @property
     def rows(self) -> dict[str, int]:
         """Chromosome length (weight rows) of every faulty layer."""
-        return {n: layer.tiling.rows for n, layer in self.state.layers.items()}
+        return {n: layer.rows for n, layer in self.state.layers.items()}
 
     def slot_exposure(self) -> dict[str, torch.Tensor]:
-        """Summed fault rate each slot's row sees across its K-blocks, per faulty layer.
+        """Per layer, the summed hit probability each slot's row sees: ``Tensor[rows]``."""
+        return {n: layer.slot_exposure() for n, layer in self.state.layers.items()}
 
-        What a model-aware searcher plans with: under a schedule, the row placed on slot
-        ``s`` has every one of its partial products hit at that slot's rates, so its
-        expected number of hits per output element is ``exposure[s]``.
-
-        Returns:
-            Layer name -> float64 CPU ``Tensor[rows]``.
-        """
-        return {n: layer.slot_rate.detach().double().sum(1).cpu()
-                for n, layer in self.state.layers.items()}
+    def layer_modes(self) -> dict[str, str]:
+        """The GEMM path (dense, sparse, permanent) each faulty layer takes."""
+        return {n: choose_mode(layer.faults, self.config.mode)
+                for n, layer in self.state.layers.items() if layer.faults is not None}
 
     def _batches(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         step = self.config.prefix_batch
@@ -170,37 +233,31 @@ class FaultyEvaluator:
             for h in hooks:
                 h.remove()
         act = max(sizes + [int(self.inputs[0].numel())])
-        pp = max(layer.tiling.n_k for layer in self.state.layers.values()) * act
+        pp = max(layer.plan.n_chains for layer in self.state.layers.values()) * act
         # Activations in flight (x3) plus, on the dense path, the partial products with
-        # their random numbers and mask (x3).
+        # their uniforms and mask (x3; the corrupted copy and the float64 deltas add about
+        # as much again, which the default budget leaves room for).
         return 4 * (3 * act + 3 * pp)
 
     def _chunk(self, population: int) -> int:
         budget = self.config.memory_mb * 2**20
         return max(1, min(self.n_images, budget // (population * self._per_sample_bytes)))
 
+    # -------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def correct(
-        self,
-        perms: dict[str, torch.Tensor] | None = None,
-        repeats: int = 1,
-        generator: torch.Generator | None = None,
-        *,
-        rates: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Number of correctly classified images for every schedule and repeat.
+    def score_sum(self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1,
+                  generator: torch.Generator | None = None, *,
+                  rates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Summed per-image metric for every schedule and repeat: ``float64 Tensor[P, repeats]``.
 
         Args:
             perms: Layer name -> ``LongTensor[P, rows]`` schedules (``perm[slot] = row``);
                 omitted layers keep the identity order.
             repeats: Independent error instances per schedule.
             generator: Source of every error draw.
-            rates: Instead of ``perms``: layer name -> ``Tensor[P, rows, n_k]`` rate maps
-                per weight row (:meth:`FaultState.configure_rates`), e.g. probes that put
-                one row at a chosen rate and keep the others clean.
-
-        Returns:
-            ``LongTensor[P, repeats]``.
+            rates: Instead of ``perms``: layer name -> ``Tensor[P, *slot_rate.shape]`` rate
+                maps per weight row (:meth:`FaultState.configure_rates`), e.g. probes that
+                put one row at a chosen rate and keep the others clean.
         """
         if repeats < 1:
             raise HaschedError(f"repeats must be >= 1, got {repeats}")
@@ -210,48 +267,52 @@ class FaultyEvaluator:
             perms = {k: v.to(self.device) for k, v in perms.items()}
         st: FaultState = self.state
         st.generator = generator
-        pop = st.configure(perms, repeats) if rates is None else st.configure_rates(rates, repeats)
-        step = self._chunk(pop)
-        correct = torch.zeros(pop, dtype=torch.long, device=self.device)
+        pop = st.configure(perms, repeats) if rates is None else st.configure_rates(rates,
+                                                                                    repeats)
+        total = torch.zeros(pop, dtype=torch.float64, device=self.device)
         engine = self._incremental()
-        self.last_path = "incremental" if engine is not None else "dense-suffix"
+        self.last_path = "incremental" if engine is not None else (
+            "dense-expanded" if self._expand_input else "dense-suffix")
         if engine is not None:
-            first = engine.first
-            cols = engine.acts[1][0].numel() // first.tiling.rows
-            hits_per_image = float(first.rates.sum()) * cols
-            # Only the hits and the affected rows are materialised here, so the chunk is
-            # bounded by the hit budget, not by the dense path's activation estimate.
-            step = max(1, int(self.config.max_hits / max(hits_per_image, 1.0)))
-            budget = self.config.memory_mb * 2**20
-            step = min(step, max(1, budget // (pop * 12 * engine.dense_width)))
-            if engine.later_faulty:
-                step = min(step, self._chunk(pop))
-            for i in range(0, self.n_images, step):
-                nb = min(step, self.n_images - i)
+            for i, nb in self._incremental_chunks(engine, pop):
                 st.expanded = False
-                correct += engine.correct(i, nb, self.labels, self.clean_ok)
-            return correct.reshape(-1, repeats)
+                total += engine.score(i, nb, self.metric, self.labels, self.clean_pred,
+                                      self.clean_score)
+            return total.reshape(-1, repeats)
+        step = self._chunk(pop)
         for i in range(0, self.n_images, step):
             x = self.inputs[i:i + step]
-            y = self.labels[i:i + step]
-            st.expanded = self._expand_input
-            if self._expand_input:
-                x = x.repeat(pop, *([1] * (x.dim() - 1)))
-            logits = self.suffix(x)  # (pop*b, classes)
-            pred = logits.argmax(-1).reshape(pop, -1)
-            correct += (pred == y).sum(1)
-        return correct.reshape(-1, repeats)
+            logits = self._run(x)  # (pop*b, classes)
+            sl = slice(i, i + x.shape[0])
+            labels, clean = self.labels[sl].repeat(pop), self.clean_pred[sl].repeat(pop)
+            total += self.metric(logits, labels, clean).reshape(pop, -1).sum(1)
+        return total.reshape(-1, repeats)
 
-    def accuracy(
-        self,
-        perms: dict[str, torch.Tensor] | None = None,
-        repeats: int = 1,
-        generator: torch.Generator | None = None,
-        *,
-        rates: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Top-1 accuracy in [0, 1]: ``Tensor[P, repeats]`` (see :meth:`correct`)."""
-        return self.correct(perms, repeats, generator, rates=rates).double() / self.n_images
+    def _incremental_chunks(self, engine: IncrementalEngine, pop: int):
+        first = engine.first
+        cols = engine.acts[1][0].numel() // first.rows
+        hits_per_image = first.faults.expected_hits(1, cols)
+        # Only the hits and the affected rows are materialised here, so the chunk is
+        # bounded by the hit budget, not by the dense path's activation estimate.
+        step = max(1, int(self.config.max_hits / max(hits_per_image, 1.0)))
+        budget = self.config.memory_mb * 2**20
+        step = min(step, max(1, budget // (pop * 12 * engine.dense_width)))
+        if engine.later_faulty:
+            step = min(step, self._chunk(pop))
+        for i in range(0, self.n_images, step):
+            yield i, min(step, self.n_images - i)
+
+    def correct(self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1,
+                generator: torch.Generator | None = None, *,
+                rates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Correctly classified images (top-1 metric): ``LongTensor[P, repeats]``."""
+        return torch.round(self.score_sum(perms, repeats, generator, rates=rates)).long()
+
+    def accuracy(self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1,
+                 generator: torch.Generator | None = None, *,
+                 rates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean metric in [0, 1] (top-1 accuracy by default): ``Tensor[P, repeats]``."""
+        return self.score_sum(perms, repeats, generator, rates=rates) / self.n_images
 
 
 def summarize(values: list[float] | torch.Tensor) -> dict:

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hasched.sim.gemm import ErrorSites, sample_sites
-from hasched.sim.layers import FaultState, FaultyLinear, _FaultyBase
+from hasched.sim.gemm import element_deltas, permanent_hits, sample_hits
+from hasched.sim.layers import FaultState, FaultyLayer
 
 __all__ = ["IncrementalEngine", "Sparse"]
 
@@ -66,12 +66,12 @@ class IncrementalEngine:
                  batch: int = 1024) -> None:
         self.mods = list(suffix)
         self.state = state
-        self.first: _FaultyBase = self.mods[0]
+        self.first: FaultyLayer = self.mods[0]
         self.inputs = inputs
         # Clean activations after every module (views share storage where possible); the
         # sparse stage gathers from them, the dense stage starts from them.
         st = state
-        st.enabled = False
+        st.faults_on = False  # the accelerator's fault-free activations (int8 included)
         acts: list[torch.Tensor | None] = [inputs]
         self.acts = acts
         with torch.no_grad():
@@ -83,8 +83,8 @@ class IncrementalEngine:
                 src = prev if prev is not None else self._materialize(len(acts) - 1)
                 acts.append(torch.cat([mod(src[i:i + batch])
                                        for i in range(0, src.shape[0], batch)]))
-        st.enabled = True
-        self.later_faulty = any(isinstance(m, _FaultyBase) for m in self.mods[1:])
+        st.faults_on = True
+        self.later_faulty = any(isinstance(m, FaultyLayer) for m in self.mods[1:])
         # Floats per affected row once the change turns dense (bounds a chunk's memory).
         end = 1
         while end < len(self.mods) and self._sparse_supported(self.mods[end], end):
@@ -107,59 +107,27 @@ class IncrementalEngine:
         return act.reshape(act.shape[0], -1)[b, pos]
 
     # ----------------------------------------------------------------- first faulty layer
-    def _gemm_columns(self, sites: ErrorSites, b0: int) -> torch.Tensor:
-        """The ``block_width`` GEMM inputs of every hit partial product: ``(E, bw)``."""
-        lay, t = self.first, self.first.tiling
-        j = torch.arange(t.block_width, device=sites.k.device)
-        kk = sites.k[:, None] * t.block_width + j  # (E, bw) index into K
-        valid = kk < t.k
-        kk = kk.clamp(max=t.k - 1)
-        x = self.inputs
-        b = (sites.b + b0)[:, None]
-        if isinstance(lay, FaultyLinear):
-            cols = x[b, kk]
-        else:
-            conv = lay.conv
-            xp = lay._pad(x)
-            (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
-            ow = (xp.shape[-1] - dw * (kw - 1) - 1) // sw + 1
-            ci, rem = kk // (kh * kw), kk % (kh * kw)
-            i, jj = rem // kw, rem % kw
-            oh_, ow_ = (sites.c // ow)[:, None], (sites.c % ow)[:, None]
-            cols = xp[b, ci, oh_ * sh + i * dh, ow_ * sw + jj * dw]
-        return torch.where(valid, cols, torch.zeros((), dtype=cols.dtype, device=cols.device))
-
     def _first_layer(self, b0: int, nb: int) -> Sparse:
-        lay, t = self.first, self.first.tiling
-        out = self.acts[1]  # clean output of the faulty layer (with bias)
-        per_img = out[0].numel() // t.rows  # output columns per image
-        sites = sample_sites(lay.rates, nb, per_img, self.state.generator)
-        if t.n_k == 1:
-            # One K-block: the partial product is the whole pre-bias output, already cached.
-            flat = out.reshape(out.shape[0], t.rows, per_img)
-            pp = flat[sites.b + b0, sites.r, sites.c]
-            if lay.bias is not None:
-                pp = pp - lay.bias[sites.r]
+        """Changed outputs of the first faulty layer for images ``b0 .. b0+nb-1``.
+
+        The hits are drawn (or, for a chip, enumerated) and recomputed by the one GEMM
+        kernel (:func:`hasched.sim.gemm.element_deltas`) from the cached clean input.
+        """
+        lay = self.first
+        fa = lay.faults
+        out = self.acts[1]  # fault-free output of the faulty layer (with bias)
+        per_img = out[0].numel() // lay.rows  # output columns per image
+        xv = lay._input_view(self.inputs[b0:b0 + nb], 1)
+        if fa.model.permanent:
+            hits = permanent_hits(fa, 0, nb, per_img)
         else:
-            w = lay.weight.reshape(t.rows, -1)
-            wk = F.pad(w, (0, t.k_padded - t.k)).reshape(t.rows, t.n_k, t.block_width)
-            pp = (wk[sites.r, sites.k] * self._gemm_columns(sites, b0)).sum(-1)  # (E,)
-        delta = lay.error_model.corrupt(pp, self.state.generator) - pp
-        pos = sites.r * per_img + sites.c
-        if t.n_k > 1:
-            # Hits in different K-blocks of one output element add up.
-            key = (sites.p * nb + sites.b) * out[0].numel() + pos
-            uk, inv = torch.unique(key, return_inverse=True)
-            delta = torch.zeros(uk.shape, dtype=delta.dtype,
-                                device=delta.device).index_add_(0, inv, delta)
-            mb, pos = uk // out[0].numel(), uk % out[0].numel()
-            m, b = mb // nb, mb % nb
-        else:
-            m, b = sites.p, sites.b
-        clean = self.clean_at(1, b + b0, pos)
-        val = clean + delta
+            hits = sample_hits(fa, nb, per_img, self.state.generator)
+        res = element_deltas(fa, xv, hits, self.state.generator, per_img)
+        pos = res.r * per_img + res.c
+        clean = self.clean_at(1, res.b + b0, pos)
+        val = lay._faulty_values(clean, res.delta, res.r, res.full)
         # Most hits on a zero partial product (image background) round away completely.
-        return Sparse(m, b, pos, val).keep(val != clean)
+        return Sparse(res.p, res.b, pos, val).keep(val != clean)
 
     # ---------------------------------------------------------------------- sparse stage
     def _maxpool(self, mod: nn.MaxPool2d, level: int, s: Sparse, b0: int) -> Sparse:
@@ -196,7 +164,7 @@ class IncrementalEngine:
         return tuple(act.shape[1:])
 
     def _sparse_supported(self, mod: nn.Module, level: int) -> bool:
-        if isinstance(mod, _FaultyBase):
+        if isinstance(mod, FaultyLayer):
             return False
         if isinstance(mod, _ELEMENTWISE):
             return True
@@ -210,11 +178,17 @@ class IncrementalEngine:
 
     # ----------------------------------------------------------------------- the driver
     @torch.no_grad()
-    def correct(self, b0: int, nb: int, labels: torch.Tensor, clean_ok: torch.Tensor
-                ) -> torch.Tensor:
-        """Correct predictions per member for images ``b0 .. b0+nb-1``: ``LongTensor[P]``."""
+    def score(self, b0: int, nb: int, metric, labels: torch.Tensor, clean_pred: torch.Tensor,
+              clean_score: torch.Tensor) -> torch.Tensor:
+        """Summed metric per member for images ``b0 .. b0+nb-1``: ``float64 Tensor[P]``.
+
+        Args:
+            metric: ``(logits, labels, clean_pred) -> per-sample scores``.
+            labels, clean_pred, clean_score: Per image (all images), the label, the
+                fault-free prediction and the fault-free score.
+        """
         self._nb = nb
-        P = self.first.rates.shape[0]
+        P = self.first.faults.population
         s = self._first_layer(b0, nb)
         level = 1
         while level < len(self.mods) and self._sparse_supported(self.mods[level], level):
@@ -226,8 +200,9 @@ class IncrementalEngine:
                 s = Sparse(s.m, s.b, s.pos, new).keep(new != mod(self.clean_at(level, s.b + b0,
                                                                               s.pos)))
             level += 1  # Flatten keeps flat per-image positions as they are
-        base = int(clean_ok[b0:b0 + nb].sum())
-        out = torch.full((P,), base, dtype=torch.long, device=labels.device)
+        sl = slice(b0, b0 + nb)
+        out = torch.full((P,), float(clean_score[sl].sum()), dtype=torch.float64,
+                         device=labels.device)
         if self.later_faulty:
             x = self._dense_all(level, s, b0, nb, P)
         else:
@@ -239,12 +214,10 @@ class IncrementalEngine:
         st.expanded = True
         for mod in self.mods[level:]:
             x = mod(x)
-        pred = x.argmax(-1)
         if self.later_faulty:
-            ok = (pred.reshape(P, nb) == labels[b0:b0 + nb]).long().sum(1)
-            return ok
-        rm, rb = rows // nb, rows % nb
-        gain = (pred == labels[rb + b0]).long() - clean_ok[rb + b0].long()
+            return metric(x, labels[sl].repeat(P), clean_pred[sl].repeat(P)).reshape(P, nb).sum(1)
+        rm, rb = rows // nb, rows % nb + b0
+        gain = metric(x, labels[rb], clean_pred[rb]) - clean_score[rb]
         return out.index_add_(0, rm, gain)
 
     def _dense_rows(self, level: int, s: Sparse, rows: torch.Tensor, b0: int, nb: int
@@ -257,7 +230,7 @@ class IncrementalEngine:
         row_of = torch.searchsorted(rows, s.m * nb + s.b)
         rb = rows % nb + b0
         mod = self.mods[level] if level < len(self.mods) else None
-        if isinstance(mod, nn.Linear) and not isinstance(mod, _FaultyBase):
+        if isinstance(mod, nn.Linear) and not isinstance(mod, FaultyLayer):
             # clean_out + W[:, changed] @ delta, as one sparse x dense product.
             delta = s.val - self.clean_at(level, s.b + b0, s.pos)  # (E,)
             order = None

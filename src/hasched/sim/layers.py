@@ -1,22 +1,32 @@
 """Faulty layers, swapped into any PyTorch model by layer name.
 
-:func:`inject_faults` copies a model and replaces the named ``nn.Linear`` / ``nn.Conv2d``
-modules by :class:`FaultyLinear` / :class:`FaultyConv2d`, which run their GEMM on the
-simulated accelerator (:mod:`hasched.sim.gemm`). One implementation serves every model and
-every layer; nothing is specific to the paper's two CNNs.
+:func:`inject_faults` copies a model (sharing its parameters) and replaces the named modules
+by faulty versions chosen by module type from :data:`FAULTY_LAYERS`: ``nn.Linear`` (any
+leading dimensions: ``(N, ..., K)``; every position is an output column of the GEMM),
+``nn.Conv2d`` and ``nn.Conv1d`` (any stride, dilation, padding and padding mode, groups,
+depthwise; lowered to im2col). Modules that apply weights functionally
+(``nn.MultiheadAttention`` reads ``out_proj.weight`` directly) are refused with a clear
+error, and after injection :meth:`FaultState.check_called` proves that every faulty layer
+actually runs in a forward pass, so a fused fast path can never silently skip the faults.
 
-**Population layout.** A population of ``P`` rate maps (schedules x repeats) is folded into
-the batch: member ``p`` owns rows ``p*B .. p*B+B-1``. The first faulty layer that runs
-receives the plain batch ``(B, ...)`` and returns ``(P*B, ...)``; later faulty layers see
-the folded batch and give member ``p``'s block its own rates. Layers in between only have to
-act per sample (true for convolutions, activations, pooling, eval-mode dropout/batch-norm).
-For a model whose branches could meet a faulty layer's output before being expanded, the
-caller expands the model input instead (``FaultState.expanded = True``).
+A faulty layer has three modes (:class:`FaultState`):
+
+* ``enabled = False``: the original module (the fp32 reference);
+* ``enabled``, ``faults_on = False``: the accelerator's arithmetic without faults (for fp32
+  identical to the original; for int8 the quantised layer);
+* ``enabled`` and ``faults_on``: faults at the PEs the mapping assigns.
+
+**Population layout.** ``P`` members (schedules x repeats) are folded into the batch: member
+``p`` owns rows ``p*B .. p*B+B-1``. The first faulty layer that runs receives the plain
+batch ``(B, ...)`` and returns ``(P*B, ...)``; later faulty layers see the folded batch. When
+the first faulty layer sits inside a block (e.g. a residual block), the caller expands the
+model input instead (``FaultState.expanded = True``) so that every branch sees the fold.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -24,25 +34,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hasched.errors import HaschedError
-from hasched.sim.faults import ErrorModel
-from hasched.sim.gemm import faulty_gemm
-from hasched.sim.hardware import (
-    AcceleratorConfig,
-    FaultProfile,
-    Tiling,
-    layer_tiling,
-    row_rates,
-    slot_rates,
-)
+from hasched.registry import Registry
+from hasched.sim.arithmetic import Arithmetic, Fp32, LayerArith
+from hasched.sim.faults import FaultModel
+from hasched.sim.gemm import DenseOut, LayerFaults, SparseOut, faulty_gemm
+from hasched.sim.mapping import GemmShape, LayerPlan, Mapping
+from hasched.sim.profile import FaultProfile
 
 __all__ = [
+    "FAULTY_LAYERS",
     "FaultState",
+    "FaultyLayer",
     "FaultyLinear",
-    "FaultyConv2d",
+    "FaultyConv",
     "inject_faults",
     "weight_layer_names",
     "faulty_layers",
+    "row_rates",
+    "gemm_shape_of",
 ]
+
+FAULTY_LAYERS: Registry[type] = Registry("faulty layer type")
+# Modules that use their children's weights functionally: faulting those children would
+# change nothing, so it is refused.
+_FUNCTIONAL = (nn.MultiheadAttention,)
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 @dataclass
@@ -50,24 +66,26 @@ class FaultState:
     """What all faulty layers of one model share during a forward pass.
 
     Attributes:
-        enabled: ``False`` runs every faulty layer as its clean original.
+        enabled: ``False`` runs every faulty layer as its original module.
+        faults_on: ``False`` runs the accelerator's arithmetic without faults.
         generator: Source of all error draws (explicit; never the global RNG).
-        mode: Injection mode for :func:`hasched.sim.gemm.faulty_gemm`.
+        mode: Injection mode (``auto``, ``dense``, ``sparse``).
         expanded: Whether the batch already carries the population dimension.
-        population: Members currently configured (``rates.shape[0]`` of every layer).
+        population: Members currently configured.
+        calls: Forward calls per faulty layer (see :meth:`check_called`).
     """
 
     enabled: bool = True
+    faults_on: bool = True
     generator: torch.Generator | None = None
     mode: str = "auto"
     expanded: bool = False
     population: int = 1
-    layers: dict[str, _FaultyBase] = field(default_factory=dict)
+    layers: dict[str, FaultyLayer] = field(default_factory=dict)
+    calls: Counter = field(default_factory=Counter)
 
-    def configure(
-        self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1
-    ) -> int:
-        """Sets every layer's per-member rates from schedules; returns ``P * repeats``.
+    def configure(self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1) -> int:
+        """Sets every layer's per-member faults from schedules; returns ``P * repeats``.
 
         Args:
             perms: Layer name -> ``LongTensor[P, rows]`` (``perm[slot] = row``); layers
@@ -84,11 +102,7 @@ class FaultState:
             raise HaschedError(f"schedules have different population sizes: {sorted(sizes)}")
         P = sizes.pop() if sizes else 1
         for name, layer in self.layers.items():
-            perm = perms.get(name)
-            if perm is not None:
-                _check_perms(perm, layer.tiling.rows, name)
-            rates = row_rates(layer.slot_rate, perm)  # (1 or P, R, n_k)
-            layer.rates = rates.expand(P, -1, -1).repeat_interleave(repeats, dim=0)
+            layer.configure(perms.get(name), P, repeats)
         self.population = P * repeats
         return self.population
 
@@ -97,12 +111,13 @@ class FaultState:
 
         Unlike :meth:`configure`, the rates need not come from the profile: a model-aware
         searcher can probe what one weight row costs at a chosen rate with every other row
-        clean (see :class:`hasched.search.core.problem.ModelAwareProblem`).
+        clean (see :class:`hasched.search.core.problem.ModelAwareProblem`). Transient
+        faults only: a chip map's faults are where its faulty PEs are.
 
         Args:
-            rates: Layer name -> ``Tensor[P, rows, n_k]`` rate of every (weight row,
-                K-block) per member, in [0, 1]; layers not named keep their identity-order
-                profile rates. All entries need the same ``P``.
+            rates: Layer name -> ``Tensor[P, *slot_rate.shape]`` hit probability of every
+                (weight row, site) per member, in [0, 1]; layers not named keep their
+                identity-order rates. All entries need the same ``P``.
             repeats: Independent error instances per member.
         """
         unknown = set(rates) - set(self.layers)
@@ -113,18 +128,44 @@ class FaultState:
             raise HaschedError(f"rate maps need one population size, got {sorted(sizes)}")
         P = sizes.pop()
         for name, layer in self.layers.items():
-            r = rates.get(name)
-            if r is None:
-                r = layer.slot_rate[None].expand(P, -1, -1)
-            elif tuple(r.shape[1:]) != tuple(layer.slot_rate.shape):
-                raise HaschedError(f"layer {name}: rates must be (P, {layer.tiling.rows}, "
-                                   f"{layer.tiling.n_k}), got {tuple(r.shape)}")
-            elif not bool(((r >= 0) & (r <= 1)).all()):
-                raise HaschedError(f"layer {name}: rates must lie in [0, 1]")
-            r = r.to(device=layer.slot_rate.device, dtype=layer.slot_rate.dtype)
-            layer.rates = r.repeat_interleave(repeats, dim=0)
+            layer.configure_rates(rates.get(name), P, repeats)
         self.population = P * repeats
         return self.population
+
+    def check_called(self, run) -> None:
+        """Runs ``run()`` (a forward pass) and raises if a faulty layer was not called."""
+        self.calls.clear()
+        run()
+        missing = [n for n in self.layers if self.calls[n] == 0]
+        if missing:
+            raise HaschedError(
+                f"faulty layer(s) {', '.join(missing)} were not called in a forward pass: "
+                "their parent uses the weights directly (e.g. a fused fast path or "
+                "F.linear(x, self.layer.weight)); faults there would be silently lost")
+
+
+def row_rates(slot_values: torch.Tensor, perms: torch.Tensor | None) -> torch.Tensor:
+    """Moves per-slot values onto weight rows under schedules ``perms``.
+
+    A schedule only decides which PEs compute a row, so permuting the per-slot fault data
+    is exactly equivalent to permuting the weight rows before the GEMM and un-permuting its
+    outputs afterwards, and it lets a population share one set of clean partial products.
+
+    Args:
+        slot_values: ``(rows, ...)`` per slot.
+        perms: ``(P, rows)`` with ``perms[p, s] = row``, or ``None`` for the identity.
+
+    Returns:
+        ``(P, rows, ...)`` per weight row (``P = 1`` for ``None``).
+    """
+    if perms is None:
+        return slot_values[None]
+    P, n = perms.shape
+    if n != slot_values.shape[0]:
+        raise HaschedError(f"schedule has {n} entries, the layer has {slot_values.shape[0]} rows")
+    src = slot_values.to(perms.device)[None].expand(P, *slot_values.shape)
+    idx = perms.reshape(P, n, *([1] * (slot_values.dim() - 1))).expand_as(src)
+    return torch.empty_like(src).scatter_(1, idx, src)  # out[p, perms[p, s]] = slot[s]
 
 
 def _check_perms(perm: torch.Tensor, rows: int, name: str) -> None:
@@ -135,179 +176,444 @@ def _check_perms(perm: torch.Tensor, rows: int, name: str) -> None:
         raise HaschedError(f"layer {name}: schedule is not a permutation of 0..{rows - 1}")
 
 
-class _FaultyBase(nn.Module):
-    """Shared state of a faulty Linear / Conv2d."""
+class FaultyLayer(nn.Module):
+    """Shared machinery of faulty layers: fault data per slot, population, composition.
 
-    def __init__(
-        self,
-        name: str,
-        tiling: Tiling,
-        error_model: ErrorModel,
-        profile: FaultProfile,
-        accel: AcceleratorConfig,
-        state: FaultState,
-    ) -> None:
-        super().__init__()
-        self.layer_name = name
-        self.tiling = tiling
-        self.error_model = error_model
-        self.state = state
-        self.slot_rate = slot_rates(profile, tiling, accel)  # (rows, n_k)
-        self.rates = self.slot_rate[None]  # (P, rows, n_k)
-
-    def _gemm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``weight @ x`` for the population.
-
-        Args:
-            x: ``(N, K, C)`` in GEMM layout; ``N = B`` before the batch is expanded,
-                ``N = P * B`` after.
-
-        Returns:
-            ``(P * B, R, C)``.
-        """
-        st = self.state
-        P = self.rates.shape[0]
-        if st.expanded:
-            if x.shape[0] % P:
-                raise HaschedError(f"layer {self.layer_name}: batch {x.shape[0]} is not a "
-                                   f"multiple of the population {P}")
-            x = x.reshape(P, x.shape[0] // P, *x.shape[1:])  # (P, B, K, C)
-        out = faulty_gemm(weight, x, self.tiling, self.rates, self.error_model,
-                          st.generator, st.mode)  # (P, B, R, C)
-        st.expanded = True
-        return out.reshape(-1, *out.shape[2:])
-
-
-class FaultyLinear(_FaultyBase):
-    """``nn.Linear`` whose matrix product runs on the faulty accelerator.
-
-    The GEMM is ``W (out, in) @ X (in, N)``: one output column per sample.
+    Subclasses define ``gemm_shape``, ``_input_view`` and ``_clean``.
     """
 
-    def __init__(self, linear: nn.Linear, name: str, error_model: ErrorModel,
-                 profile: FaultProfile, accel: AcceleratorConfig, state: FaultState) -> None:
-        tiling = layer_tiling(linear.out_features, linear.in_features, accel)
-        super().__init__(name, tiling, error_model, profile, accel, state)
-        self.weight = linear.weight
-        self.bias = linear.bias
+    def __init__(self, orig: nn.Module, name: str, mapping: Mapping, arith: Arithmetic,
+                 model: FaultModel, rates: torch.Tensor, state: FaultState,
+                 in_absmax: float | None, spatial: tuple[int, int, int] | None = None) -> None:
+        super().__init__()
+        self.orig, self.layer_name, self.state, self.model = orig, name, state, model
+        self.weight, self.bias = orig.weight, orig.bias
+        self.spatial = spatial
+        shape = self.gemm_shape()
+        self.plan: LayerPlan = mapping.plan(shape)
+        self.site = mapping.check_site(model.site)
+        self.arith: LayerArith = arith.layer(self.weight.reshape(shape.rows, -1), in_absmax)
+        self.arith.map_weights(self.plan.k_perm, self.plan.k_padded)
+        dev = self.weight.device
+        pes = self.plan.site_pes(self.site).to(dev)  # (rows, n_c', L')
+        self.slot_rate = rates.to(dev)[pes]  # (rows, n_c', L') float64 per slot
+        self.slot_pe = pes if model.uses_pe else None
+        self.faults: LayerFaults | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    def gemm_shape(self) -> GemmShape:
+        raise NotImplementedError
+
+    def slot_exposure(self) -> torch.Tensor:
+        """Summed hit probability of every slot over its chains and positions: ``(rows,)``."""
+        reps = (self.plan.n_chains // self.slot_rate.shape[1]) * (
+            (self.plan.chain // self.slot_rate.shape[2]) if self.site != "output" else 1)
+        return self.slot_rate.sum((1, 2)) * reps
+
+    def configure(self, perm: torch.Tensor | None, P: int, repeats: int) -> None:
+        if perm is not None:
+            _check_perms(perm, self.rows, self.layer_name)
+        rates = row_rates(self.slot_rate, perm).expand(P, *self.slot_rate.shape)
+        pes = None if self.slot_pe is None else row_rates(self.slot_pe, perm).expand(
+            P, *self.slot_pe.shape).repeat_interleave(repeats, 0)
+        self.faults = LayerFaults(self.plan, self.arith, self.model, self.site,
+                                  rates.repeat_interleave(repeats, 0), pes, self.groups)
+
+    def configure_rates(self, rates: torch.Tensor | None, P: int, repeats: int) -> None:
+        """Per-member rates given directly (see :meth:`FaultState.configure_rates`)."""
+        if self.slot_pe is not None or self.model.permanent:
+            raise HaschedError(f"layer {self.layer_name}: rate maps need a transient fault "
+                               "model (a chip's faults are fixed to its faulty PEs)")
+        if rates is None:
+            rates = self.slot_rate.expand(P, *self.slot_rate.shape)
+        elif tuple(rates.shape[1:]) != tuple(self.slot_rate.shape):
+            raise HaschedError(f"layer {self.layer_name}: rates must be (P, "
+                               f"{', '.join(map(str, self.slot_rate.shape))}), got "
+                               f"{tuple(rates.shape)}")
+        elif not bool(((rates >= 0) & (rates <= 1)).all()):
+            raise HaschedError(f"layer {self.layer_name}: rates must lie in [0, 1]")
+        rates = rates.to(device=self.slot_rate.device, dtype=self.slot_rate.dtype)
+        self.faults = LayerFaults(self.plan, self.arith, self.model, self.site,
+                                  rates.repeat_interleave(repeats, 0), None, self.groups)
+
+    groups = 1
+
+    def to_device(self, device: torch.device) -> None:
+        self.arith.to(device)
+        self.slot_rate = self.slot_rate.to(device)
+        if self.slot_pe is not None:
+            self.slot_pe = self.slot_pe.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.state.enabled:
-            return F.linear(x, self.weight, self.bias)
-        if x.dim() != 2:
-            raise HaschedError(f"layer {self.layer_name}: faulty Linear expects (N, features)")
-        # The samples are the GEMM's columns: one (K, B) block per member.
-        P = self.rates.shape[0] if self.state.expanded else 1
-        xg = x.reshape(P, x.shape[0] // P, -1).transpose(1, 2)  # (P, K, B)
-        out = self._gemm(xg, self.weight)  # (P', R, B)
-        out = out.transpose(1, 2).reshape(-1, self.tiling.rows)  # (P'*B, R)
-        return out if self.bias is None else out + self.bias
+        st = self.state
+        if not st.enabled:
+            return self.orig(x)
+        st.calls[self.layer_name] += 1
+        clean = self._clean(x)  # (N, R, C) float32 with bias, the accelerator fault-free
+        if not st.faults_on:
+            return self._unfold(clean, x)
+        fa = self.faults
+        P = fa.population
+        if st.expanded and x.shape[0] % P:
+            raise HaschedError(f"layer {self.layer_name}: batch {x.shape[0]} is not a "
+                               f"multiple of the population {P}")
+        xv = self._input_view(x, P if st.expanded else 1)
+        res = faulty_gemm(fa, xv, st.generator, st.mode)
+        out = clean if st.expanded else clean.repeat(P, 1, 1)  # (P*B, R, C)
+        out = self.apply_changes(out, res, xv.n_samples)
+        st.expanded = True
+        return self._unfold(out, x)
+
+    def apply_changes(self, out: torch.Tensor, res: SparseOut | DenseOut, B: int
+                      ) -> torch.Tensor:
+        """Writes faulty values into the fault-free output ``(P*B, R, C)`` (in place)."""
+        if isinstance(res, DenseOut):
+            P = res.delta.shape[0]
+            o = out.reshape(P, B, *out.shape[1:])
+            new = self._faulty_values(o, res.delta, None, res.full)
+            o.copy_(torch.where(res.hit, new, o))
+            return out
+        n = res.p * B + res.b
+        cur = out[n, res.r, res.c]
+        out[n, res.r, res.c] = self._faulty_values(cur, res.delta, res.r, res.full)
+        return out
+
+    def _faulty_values(self, clean: torch.Tensor, delta: torch.Tensor,
+                       rows: torch.Tensor | None, full: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """Output values with ``delta`` added to their accumulator (float32); where
+        ``full``, ``delta`` is the new accumulator itself (plus the bias)."""
+        if not self.arith.is_int:
+            new = (clean.double() + delta).float()
+            if full is None:
+                return new
+            if rows is None:  # dense (P, B, R, C)
+                bias = 0.0 if self.bias is None else self.bias.double().reshape(1, 1, -1, 1)
+            else:
+                bias = 0.0 if self.bias is None else self.bias.double()[rows]
+            return torch.where(full, (delta + bias).float(), new)
+        ar = self.arith
+        if rows is None:  # dense (P, B, R, C): rows are dim 2
+            scale = (ar.s_w.double() * ar.s_x).reshape(1, 1, -1, 1)
+        else:
+            scale = ar.s_w.double()[rows] * ar.s_x
+        return (clean.double() + delta * scale).float()
+
+    def _unfold(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
-class FaultyConv2d(_FaultyBase):
-    """``nn.Conv2d`` lowered to im2col + GEMM on the faulty accelerator."""
+@FAULTY_LAYERS.register("Linear")
+class FaultyLinear(FaultyLayer):
+    """``nn.Linear`` on the accelerator: ``W (R, K) @ X (K, T)`` per sample, ``T`` positions."""
 
-    def __init__(self, conv: nn.Conv2d, name: str, error_model: ErrorModel,
-                 profile: FaultProfile, accel: AcceleratorConfig, state: FaultState) -> None:
-        if conv.groups != 1:
-            raise HaschedError(f"layer {name}: grouped convolutions are not supported yet")
-        if conv.padding_mode != "zeros":
-            raise HaschedError(f"layer {name}: padding_mode {conv.padding_mode!r} not supported")
-        kh, kw = conv.kernel_size
-        tiling = layer_tiling(conv.out_channels, conv.in_channels * kh * kw, accel, kh * kw)
-        super().__init__(name, tiling, error_model, profile, accel, state)
-        self.conv = conv
-        self.weight = conv.weight
-        self.bias = conv.bias
+    def gemm_shape(self) -> GemmShape:
+        return gemm_shape_of(self.orig, self.spatial)
+
+    def _x3(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, x.shape[-1])  # (N, T, K)
+
+    def _clean(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.arith.is_int:
+            return self.orig(x).reshape(x.shape[0], -1, self.rows).transpose(1, 2)
+        xq = self.arith.quantize(self._x3(x)).transpose(1, 2)  # (N, K, T)
+        acc = self.arith.matmul(self.arith.w, xq)  # (N, R, T) float64, exact
+        out = self.arith.dequantize(acc, 1)
+        return out if self.bias is None else out + self.bias[:, None]
+
+    def _input_view(self, x: torch.Tensor, P: int) -> LinearInput:
+        return LinearInput(self.arith.quantize(self._x3(x)), P)
+
+    def _unfold(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out.transpose(1, 2).reshape(out.shape[0], *x.shape[1:-1], self.rows)
+
+
+@FAULTY_LAYERS.register("Conv2d")
+@FAULTY_LAYERS.register("Conv1d")
+class FaultyConv(FaultyLayer):
+    """``nn.Conv2d`` / ``nn.Conv1d`` lowered to im2col + GEMM (groups: block-diagonal)."""
+
+    @property
+    def groups(self) -> int:  # type: ignore[override]
+        return self.orig.groups
+
+    def gemm_shape(self) -> GemmShape:
+        return gemm_shape_of(self.orig)
+
+    def _as2d(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, None, :] if isinstance(self.orig, nn.Conv1d) else x
+
+    def _geometry(self) -> tuple[tuple[int, int], ...]:
+        c = self.orig
+        two = (lambda v: (1, v[0])) if isinstance(c, nn.Conv1d) else (lambda v: tuple(v))
+        return two(c.kernel_size), two(c.stride), two(c.dilation)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
+        """Pads ``(N, C, H, W)`` as the module would (any padding mode, 'same' too)."""
+        c = self.orig
+        (kh, kw), _, (dh, dw) = self._geometry()
         if c.padding == "valid":
             return x
-        pads: list[int] = []
-        for i in (1, 0):  # F.pad wants the last dim first
-            k, d = c.kernel_size[i], c.dilation[i]
-            if c.padding == "same":
-                total = d * (k - 1)  # PyTorch/TF 'same': the extra pixel goes right/bottom
+        if c.padding == "same":
+            pads = []
+            for k, d in ((kw, dw), (kh, dh)):  # F.pad wants the last dim first
+                total = d * (k - 1)  # PyTorch 'same': the extra pixel goes right/bottom
                 pads += [total // 2, total - total // 2]
-            else:
-                pads += [c.padding[i], c.padding[i]]
-        return F.pad(x, pads) if any(pads) else x
+        else:
+            p = (0, c.padding[0]) if isinstance(c, nn.Conv1d) else c.padding
+            pads = [p[1], p[1], p[0], p[0]]
+        if not any(pads):
+            return x
+        mode = "constant" if c.padding_mode == "zeros" else c.padding_mode
+        return F.pad(x, pads, mode=mode)
 
-    def im2col(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """``(N, Cin, H, W) -> (N, Cin*kh*kw, oh*ow)`` in ``F.unfold``'s order.
+    def _clean(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.arith.is_int:
+            y = self._as2d(self.orig(x))
+            return y.reshape(y.shape[0], self.rows, -1)
+        view = self._input_view(x, 1)
+        cols = view.cols()  # (N, G, Kg, C) PyTorch K order
+        G = self.groups
+        w = self.arith.w.reshape(G, self.rows // G, -1)  # (G, R/G, Kg)
+        acc = self.arith.matmul(w, cols)  # (N, G, R/G, C)
+        out = self.arith.dequantize(acc.reshape(acc.shape[0], self.rows, -1), 1)
+        return out if self.bias is None else out + self.bias[:, None]
+
+    def _input_view(self, x: torch.Tensor, P: int) -> ConvInput:
+        xp = self._pad(self.arith.quantize(self._as2d(x)))
+        return ConvInput(xp, self._geometry(), self.groups, P)
+
+    def _unfold(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (dh, dw) = self._geometry()
+        xp_h, xp_w = self._padded_hw(x)
+        oh = (xp_h - dh * (kh - 1) - 1) // sh + 1
+        ow = (xp_w - dw * (kw - 1) - 1) // sw + 1
+        y = out.reshape(out.shape[0], self.rows, oh, ow)
+        return y[:, :, 0, :] if isinstance(self.orig, nn.Conv1d) else y
+
+    def _padded_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        h, w = self._as2d(x[:1, :1]).shape[-2:]
+        xp = self._pad(torch.zeros(1, 1, h, w, device=x.device))
+        return xp.shape[-2], xp.shape[-1]
+
+
+def gemm_shape_of(module: nn.Module, spatial: tuple[int, int, int] | None = None) -> GemmShape:
+    """The GEMM of a Linear or convolution (per group).
+
+    Args:
+        module: ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``.
+        spatial: For a Linear fed by a flattened ``(C, H, W)`` map, that shape.
+    """
+    if isinstance(module, nn.Linear):
+        R, K = module.out_features, module.in_features
+        if spatial is not None:
+            c, h, w = spatial
+            return GemmShape(R, K, taps=h * w, channels=c, spatial_input=True)
+        return GemmShape(R, K)
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        taps = int(torch.tensor(module.kernel_size).prod())
+        cg = module.in_channels // module.groups
+        return GemmShape(module.out_channels, cg * taps, taps=taps, channels=cg)
+    raise HaschedError(f"{type(module).__name__} has no GEMM hasched can map")
+
+
+# ------------------------------------------------------------------------- input views
+
+class LinearInput:
+    """GEMM input of a Linear layer: ``x (N, T, K)``; column ``c`` is position ``t``."""
+
+    def __init__(self, x: torch.Tensor, P: int) -> None:
+        self.x, self.P = x, P
+        self.n_samples = x.shape[0] // P
+        self.n_cols = x.shape[1]
+        self.per_member = P != 1
+        self.samples_last = True  # dense draws in (P, 1, n_k, R, B) order, as always
+
+    def gather(self, h, q: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        """Inputs of each hit's chain positions ``q`` (mapping order): ``(E, L)``."""
+        kk, valid = _pytorch_k(q, plan)
+        n = (h.p * self.n_samples + h.b) if self.per_member else h.b
+        v = self.x[n[:, None], h.c[:, None], kk]
+        return torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def blocks(self, plan: LayerPlan) -> torch.Tensor:
+        """All chains' inputs ``(N, 1, n_c, L, T)``."""
+        x = self.x.transpose(1, 2)  # (N, K, T)
+        return _chain_blocks(x[:, None], plan)
+
+    def blocks_for(self, plan: LayerPlan, p: int, b0: int, n: int) -> torch.Tensor:
+        """Chains' inputs of member ``p``'s samples ``b0 .. b0+n-1``: ``(n, 1, n_c, L, T)``."""
+        i0 = p * self.n_samples + b0 if self.per_member else b0
+        return _chain_blocks(self.x[i0:i0 + n].transpose(1, 2)[:, None], plan)
+
+
+class ConvInput:
+    """GEMM input of a convolution: the padded input ``(N, Cin, Hp, Wp)``."""
+
+    def __init__(self, xp: torch.Tensor, geometry, groups: int, P: int) -> None:
+        self.xp, self.groups, self.P = xp, groups, P
+        (self.kh, self.kw), (self.sh, self.sw), (self.dh, self.dw) = geometry
+        self.oh = (xp.shape[2] - self.dh * (self.kh - 1) - 1) // self.sh + 1
+        self.ow = (xp.shape[3] - self.dw * (self.kw - 1) - 1) // self.sw + 1
+        self.n_samples = xp.shape[0] // P
+        self.n_cols = self.oh * self.ow
+        self.per_member = P != 1
+
+    def gather(self, h, q: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+        kk, valid = _pytorch_k(q, plan)
+        taps = self.kh * self.kw
+        cg = self.xp.shape[1] // self.groups
+        ci = kk // taps + (h.r * self.groups // plan.rows)[:, None] * cg
+        i, j = (kk % taps) // self.kw, kk % self.kw
+        y = (h.c // self.ow)[:, None] * self.sh + i * self.dh
+        x = (h.c % self.ow)[:, None] * self.sw + j * self.dw
+        n = (h.p * self.n_samples + h.b) if self.per_member else h.b
+        v = self.xp[n[:, None], ci, y, x]
+        return torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
+
+    def cols(self, samples: slice = slice(None)) -> torch.Tensor:
+        """im2col in PyTorch's K order: ``(N, G, Cin/G * kh * kw, oh * ow)``.
 
         Built from strided views: ``F.unfold`` is ~30x slower on CPU for these shapes.
         """
-        c = self.conv
-        x = self._pad(x)
-        (kh, kw), (dh, dw), (sh, sw) = c.kernel_size, c.dilation, c.stride
-        u = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        u = u[..., ::dh, ::dw]  # (N, Cin, oh, ow, kh, kw)
-        N, _, oh, ow = u.shape[:4]
-        return u.permute(0, 1, 4, 5, 2, 3).reshape(N, self.tiling.k, oh * ow), oh, ow
+        u = self.xp[samples].unfold(2, self.dh * (self.kh - 1) + 1, self.sh)
+        u = u.unfold(3, self.dw * (self.kw - 1) + 1, self.sw)[..., ::self.dh, ::self.dw]
+        N, C = u.shape[:2]  # u: (N, Cin, oh, ow, kh, kw)
+        u = u.permute(0, 1, 4, 5, 2, 3).reshape(N, self.groups, -1, self.n_cols)
+        return u
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.state.enabled:
-            return self.conv(x)
-        cols, oh, ow = self.im2col(x)  # (N, K, L)
-        out = self._gemm(cols, self.weight.reshape(self.tiling.rows, -1))  # (P*B, R, L)
-        out = out.reshape(out.shape[0], self.tiling.rows, oh, ow)
-        return out if self.bias is None else out + self.bias[:, None, None]
+    def blocks(self, plan: LayerPlan) -> torch.Tensor:
+        """All chains' inputs ``(N, G, n_c, L, C)``."""
+        return _chain_blocks(self.cols(), plan)
+
+    def blocks_for(self, plan: LayerPlan, p: int, b0: int, n: int) -> torch.Tensor:
+        """Chains' inputs of member ``p``'s samples ``b0 .. b0+n-1``: ``(n, G, n_c, L, C)``."""
+        i0 = p * self.n_samples + b0 if self.per_member else b0
+        return _chain_blocks(self.cols(slice(i0, i0 + n)), plan)
+
+
+def _pytorch_k(q: torch.Tensor, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mapping-order positions -> PyTorch reduction indices and a not-padding mask."""
+    valid = q < plan.k
+    qc = q.clamp(max=plan.k - 1)
+    kk = qc if plan.k_perm is None else plan.k_perm.to(q.device)[qc]
+    return kk, valid
+
+
+def _chain_blocks(x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    """``(N, G, K, C)`` in PyTorch order -> ``(N, G, n_c, L, C)`` in mapping order, padded."""
+    if plan.k_perm is not None:
+        x = x[:, :, plan.k_perm.to(x.device)]
+    x = F.pad(x, (0, 0, 0, plan.k_padded - plan.k))
+    return x.reshape(*x.shape[:2], plan.n_chains, plan.chain, x.shape[-1])
+
+
+# ------------------------------------------------------------------------------ injection
+
+def _ancestors(model: nn.Module, name: str) -> list[nn.Module]:
+    parts = name.split(".")
+    mods, cur = [], model
+    for p in parts[:-1]:
+        cur = getattr(cur, p)
+        mods.append(cur)
+    return mods
 
 
 def weight_layer_names(model: nn.Module) -> list[str]:
-    """Names of a model's ``nn.Linear`` / ``nn.Conv2d`` modules in registration order."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    """Names of the modules that can run on the accelerator, in registration order."""
+    return [n for n, m in model.named_modules()
+            if n and isinstance(m, _SUPPORTED) and not isinstance(m, FaultyLayer)
+            and not any(isinstance(a, _FUNCTIONAL) for a in _ancestors(model, n))]
 
 
-def faulty_layers(model: nn.Module) -> dict[str, _FaultyBase]:
-    return {m.layer_name: m for m in model.modules() if isinstance(m, _FaultyBase)}
+def _layer_class(model: nn.Module, name: str) -> type:
+    mods = dict(model.named_modules())
+    if name not in mods or not name:
+        known = weight_layer_names(model)
+        raise HaschedError(f"unknown layer {name!r}; this model's layers: {', '.join(known)}")
+    for a in _ancestors(model, name):
+        if isinstance(a, _FUNCTIONAL):
+            raise HaschedError(
+                f"layer {name!r} belongs to a {type(a).__name__}, which applies its weights "
+                "functionally (F.multi_head_attention_forward reads out_proj.weight): "
+                "faults there would be silently lost; build attention from nn.Linear modules "
+                "(q, k, v, out projections) to fault it")
+    m = mods[name]
+    for cls in type(m).__mro__:
+        if cls.__name__ in FAULTY_LAYERS and cls.__module__.startswith("torch.nn"):
+            return FAULTY_LAYERS.get(cls.__name__)
+    raise HaschedError(f"layer {name!r} is a {type(m).__name__}, which hasched cannot run on "
+                       f"the accelerator; supported: {', '.join(FAULTY_LAYERS.names())}")
 
 
-def inject_faults(
-    model: nn.Module,
-    layers: list[str],
-    profile: FaultProfile,
-    error_model: ErrorModel,
-    accel: AcceleratorConfig | None = None,
-    generator: torch.Generator | None = None,
-    mode: str = "auto",
-) -> tuple[nn.Module, FaultState]:
-    """Returns a copy of ``model`` whose ``layers`` run on the faulty accelerator.
+def faulty_layers(model: nn.Module) -> dict[str, FaultyLayer]:
+    return {m.layer_name: m for m in model.modules() if isinstance(m, FaultyLayer)}
+
+
+def inject_faults(model: nn.Module, layers: list[str], mapping: Mapping, rates: torch.Tensor,
+                  fault_model: FaultModel, arith: Arithmetic | None = None, *,
+                  in_absmax: dict[str, float] | None = None,
+                  spatial: dict[str, tuple[int, int, int]] | None = None,
+                  generator: torch.Generator | None = None, mode: str = "auto"
+                  ) -> tuple[nn.Module, FaultState]:
+    """Returns a copy of ``model`` whose ``layers`` run on the simulated accelerator.
 
     The copy shares the original's parameters (no weights are duplicated); the original is
     not modified.
 
     Args:
         model: Any ``nn.Module``.
-        layers: Dotted module names (``"c0"``, ``"features.3"``) of Linear/Conv2d modules.
-        profile: Per-PE fault rates.
-        error_model: What a hit does to a partial product.
-        accel: Geometry; defaults to :class:`AcceleratorConfig()`.
-        generator: Source of error draws; a ``FaultState`` field, replaceable later.
-        mode: ``"auto"``, ``"dense"`` or ``"sparse"`` injection.
+        layers: Dotted module names (``"c0"``, ``"layer1.0.conv1"``).
+        mapping: Where partial products run.
+        rates: ``(n_pes,)`` float64 hit probability per PE (transient rates, or 1 on the
+            faulty PEs of a chip).
+        fault_model: What a hit does.
+        arith: Datapath arithmetic (default fp32).
+        in_absmax: Per layer, ``max |input|`` on calibration data (int8).
+        spatial: Per Linear layer fed by a flattened ``(C, H, W)`` map, that shape (used by
+            the ``hwc`` K order).
+        generator: Source of error draws (a :class:`FaultState` field, replaceable later).
+        mode: ``auto``, ``dense`` or ``sparse`` injection.
     """
-    accel = accel or AcceleratorConfig()
-    profile.check(accel)
-    known = weight_layer_names(model)
+    arith = arith or Fp32()
     if not layers:
         raise HaschedError("no faulty layer given")
-    for name in layers:
-        if name not in known:
-            raise HaschedError(f"unknown layer {name!r}; this model's layers: {', '.join(known)}")
     if len(set(layers)) != len(layers):
         raise HaschedError(f"layer listed twice: {layers}")
-    # Shallow-copy module containers but share parameters and buffers.
+    if rates.numel() != mapping.n_pes:
+        raise HaschedError(f"fault data covers {rates.numel()} PEs, the mapping has "
+                           f"{mapping.n_pes}")
+    classes = {name: _layer_class(model, name) for name in layers}
     memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    faulty = copy.deepcopy(model, memo)
+    faulty = copy.deepcopy(model, memo)  # new containers, shared parameters and buffers
     state = FaultState(generator=generator, mode=mode)
     for name in layers:
         parent_name, _, child = name.rpartition(".")
         parent = faulty.get_submodule(parent_name) if parent_name else faulty
         orig = getattr(parent, child)
-        cls = FaultyLinear if isinstance(orig, nn.Linear) else FaultyConv2d
-        new = cls(orig, name, error_model, profile, accel, state)
+        new = classes[name](orig, name, mapping, arith, fault_model, rates.double(), state,
+                            (in_absmax or {}).get(name), (spatial or {}).get(name))
+        fault_model_check(new)
+        # PyTorch's fused fast paths (e.g. TransformerEncoderLayer in eval mode) read child
+        # weights directly unless a child has hooks: this no-op hook keeps the layer called.
+        new.register_forward_pre_hook(_keep_unfused)
         setattr(parent, child, new)
         state.layers[name] = new
     return faulty, state
+
+
+def _keep_unfused(module: nn.Module, args: tuple) -> None:
+    return None
+
+
+def fault_model_check(layer: FaultyLayer) -> None:
+    """The fault model must be able to act on the words at the layer's fault site."""
+    layer.model.check_word(layer.arith.word(layer.site))
+
+
+def profile_rates(profile: FaultProfile) -> torch.Tensor:
+    """Flat float64 per-PE rates of a transient profile."""
+    return torch.from_numpy(profile.flat_rates().copy())

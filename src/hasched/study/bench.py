@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from hasched.sim.evaluator import FaultyEvaluator
-from hasched.sim.faults import PAPER_FR_MAX, create_error_model
-from hasched.sim.hardware import AcceleratorConfig, FaultProfile
+from hasched.sim.faults import PAPER_FR_MAX
 from hasched.sim.layers import weight_layer_names
 from hasched.study.build import load_images, resolve_device
+from hasched.study.scenario import Scenario
 from hasched.zoo.models import create_model
 from hasched.zoo.train import CheckpointNotFoundError, load_checkpoint
 
-__all__ = ["BenchConfig", "run_bench", "to_markdown"]
+__all__ = ["BenchConfig", "is_bench_markdown", "run_bench", "to_markdown"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class BenchConfig:
         repeats: Repeats per fitness evaluation.
         warmup: Untimed runs before each timing.
         trials: Timed runs; the median is reported.
+        custom: An extra scenario to time (``scenario/...`` entry).
     """
 
     model: str = "mnist32-cnn"
@@ -49,6 +50,7 @@ class BenchConfig:
     repeats: int = 3
     warmup: int = 1
     trials: int = 3
+    custom: Scenario | None = None
 
 
 def _peak_mb(dev: torch.device) -> float:
@@ -72,21 +74,78 @@ def _time(fn: Callable[[], object], dev: torch.device, cfg: BenchConfig) -> floa
     return sorted(times)[len(times) // 2]
 
 
-Entry = tuple[str, str, list[str], str, float, int, int]
+@dataclass(frozen=True)
+class Entry:
+    """One benchmark: what is timed (``kind``) on which scenario.
+
+    Kinds: ``eval`` (one faulty evaluation), ``fitness`` / ``generation`` (a GA fitness call
+    for ``population`` schedules), ``sensitivity`` (one scenario at each of the paper's
+    rates), ``forward`` (the accelerator's fault-free forward pass: the arithmetic alone).
+    """
+
+    kind: str
+    name: str
+    scenario: Scenario
+    population: int = 1
 
 
 def _entries(cfg: BenchConfig, layers: list[str]) -> Iterator[Entry]:
-    """(kind, name, layers, error, rate, population, repeats) of every entry."""
     m = cfg.model
+    base = Scenario(model=m, repeats=1)
     for layer in layers:
         for err, rates in PAPER_FR_MAX.items():
-            yield ("eval", f"eval/{m}/{layer}/{err}/{rates[-1]:g}", [layer], err, rates[-1], 1, 1)
-    yield ("fitness", f"fitness/{m}/c0/flip-to-1/5e-3", ["c0"], "flip-to-1", 5e-3, 1,
-           cfg.repeats)
-    yield ("generation", f"generation/{m}/c0/flip-to-1/5e-3/pop{cfg.population}", ["c0"],
-           "flip-to-1", 5e-3, cfg.population, cfg.repeats)
-    yield ("sensitivity", f"sensitivity/{m}/h2/bf16/0.1,0.2,0.5", ["h2"], "bf16", -1.0, 1,
-           cfg.repeats)
+            yield Entry("eval", f"eval/{m}/{layer}/{err}/{rates[-1]:g}",
+                        base.replace(layers=(layer,), fault=err, fr_max=rates[-1]))
+    fit = base.replace(layers=("c0",), fault="flip-to-1", fr_max=5e-3, repeats=cfg.repeats)
+    yield Entry("fitness", f"fitness/{m}/c0/flip-to-1/5e-3", fit)
+    yield Entry("generation", f"generation/{m}/c0/flip-to-1/5e-3/pop{cfg.population}", fit,
+                cfg.population)
+    yield Entry("sensitivity", f"sensitivity/{m}/h2/bf16/0.1,0.2,0.5",
+                base.replace(layers=("h2",), fault="bf16", repeats=cfg.repeats))
+    every = tuple(layers)
+    for mult in ("exact", "drum4", "bam8", "mitchell"):
+        yield Entry("forward", f"int8/{m}/all/{mult}",
+                    base.replace(layers=every, arithmetic="int8", multiplier=mult, fr_max=0.0))
+    if cfg.custom is not None:
+        yield Entry("eval", f"scenario/{cfg.custom.describe()}", cfg.custom.replace(model=m))
+    yield Entry("eval", f"chip/{m}/all/systolic16x16/int8/stuck-at/0.05",
+                base.replace(layers=every, mapping="systolic:16x16", arithmetic="int8",
+                             fault="stuck-at", faulty_pes=0.05, chip_seed=1))
+
+
+def _evaluator(entry: Entry, model, x, y, calib) -> FaultyEvaluator:
+    scn = entry.scenario
+    fault, profile, chip = scn.fault_data()
+    return FaultyEvaluator(model, x, y, list(scn.layers), fault, profile, chip=chip,
+                           mapping=scn.mapping_obj(), arithmetic=scn.arithmetic_obj(),
+                           calibration=calib)
+
+
+def _timed(entry: Entry, model, x, y, dev, cfg: BenchConfig) -> float:
+    g = torch.Generator(device=dev).manual_seed(0)
+    scn = entry.scenario
+    calib = x[:512]
+    if entry.kind == "sensitivity":
+        evs = [_evaluator(Entry("eval", "", scn.replace(fr_max=r)), model, x, y, calib)
+               for r in PAPER_FR_MAX[scn.fault]]
+        return _time(lambda: [e.accuracy(None, scn.repeats, g) for e in evs], dev, cfg)
+    ev = _evaluator(entry, model, x, y, calib)
+    if entry.kind == "forward":
+        def fwd() -> None:
+            ev.state.faults_on = False
+            try:
+                with torch.no_grad():
+                    ev.suffix(ev.inputs)
+            finally:
+                ev.state.faults_on = True
+        return _time(fwd, dev, cfg)
+    perms = None
+    if entry.population > 1:
+        layer = scn.layers[0]
+        n = ev.rows[layer]
+        perms = {layer: torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i))
+                                     for i in range(entry.population)]).to(dev)}
+    return _time(lambda: ev.accuracy(perms, scn.repeats, g), dev, cfg)
 
 
 def run_bench(
@@ -109,39 +168,29 @@ def run_bench(
                 "clean_seconds": clean, "ratio": 1.0, "peak_mb": _peak_mb(dev)}]
     if log:
         log(f"clean inference of {x.shape[0]} images: {clean:.3f} s")
-    acc = AcceleratorConfig()
-    for kind, name, layers, err, rate, pop, reps in _entries(cfg, weight_layer_names(model)):
-        if cfg.filter and cfg.filter not in name:
+    for entry in _entries(cfg, weight_layer_names(model)):
+        if cfg.filter and cfg.filter not in entry.name:
             continue
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        em = create_error_model(err)
-        g = torch.Generator(device=dev).manual_seed(0)
-        if kind == "sensitivity":
-            evs = [FaultyEvaluator(model, x, y, layers, FaultProfile.generate(r, 1, acc), em,
-                                   acc) for r in PAPER_FR_MAX[err]]
-            secs = _time(lambda evs=evs, reps=reps, g=g: [e.accuracy(None, reps, g) for e in evs],
-                         dev, cfg)
-        else:
-            prof = FaultProfile.generate(rate, 1, acc)
-            ev = FaultyEvaluator(model, x, y, layers, prof, em, acc)
-            n = ev.rows[layers[0]]
-            perms = {layers[0]: torch.stack([torch.randperm(n, generator=torch.Generator()
-                                                            .manual_seed(i))
-                                             for i in range(pop)]).to(dev)}
-            secs = _time(lambda ev=ev, perms=perms, reps=reps, g=g: ev.accuracy(perms, reps, g),
-                         dev, cfg)
-        row = {"name": name, "device": str(dev), "seconds": secs, "clean_seconds": clean,
-               "ratio": secs / clean, "peak_mb": _peak_mb(dev)}
-        results.append(row)
+        secs = _timed(entry, model, x, y, dev, cfg)
+        results.append({"name": entry.name, "device": str(dev), "seconds": secs,
+                        "clean_seconds": clean, "ratio": secs / clean, "peak_mb": _peak_mb(dev)})
         if log:
-            log(f"{name}: {secs:.3f} s ({secs / clean:.1f}x clean)")
+            log(f"{entry.name}: {secs:.3f} s ({secs / clean:.1f}x clean)")
     return results
 
 
+MARKDOWN_HEADER = "| entry | device | seconds | clean s | ratio | peak MB |"
+
+
+def is_bench_markdown(content: bytes) -> bool:
+    """Whether a file is a table :func:`to_markdown` wrote (``--markdown`` may replace it)."""
+    return content.startswith(MARKDOWN_HEADER.encode())
+
+
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| entry | device | seconds | clean s | ratio | peak MB |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [MARKDOWN_HEADER, "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| `{r['name']}` | {r['device']} | {r['seconds']:.3f} | "
                      f"{r['clean_seconds']:.3f} | {r['ratio']:.2f} | {r['peak_mb']:.0f} |")

@@ -4,8 +4,9 @@ The CLI, the sensitivity campaigns and the schedule search all build their evalu
 here, so "evaluate mnist32-cnn seed 1 with c0 faulty" means the same thing everywhere.
 
 Example:
-    >>> from hasched.study.build import FaultScenario, build_evaluator, evaluate
-    >>> ev = build_evaluator("mnist32-cnn", 1, ["c0"], FaultScenario("flip-to-1", 5e-3, 1))
+    >>> from hasched.study.build import build_evaluator, evaluate
+    >>> from hasched.study.scenario import Scenario
+    >>> ev = build_evaluator(Scenario(layers=("c0",), fault="flip-to-1", fr_max=5e-3))
     >>> evaluate(ev, repeats=3, error_seed=0)["accuracy_mean"]  # doctest: +SKIP
 """
 
@@ -13,63 +14,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_type, read_json, require
 from hasched.sim.evaluator import EvalConfig, FaultyEvaluator, summarize
-from hasched.sim.faults import create_error_model
-from hasched.sim.hardware import AcceleratorConfig, FaultProfile
 from hasched.sim.layers import weight_layer_names
-from hasched.zoo.data import load_dataset
-from hasched.zoo.models import get_model_spec
-from hasched.zoo.train import load_or_train
+from hasched.study.scenario import Scenario, parse_layer_groups
+from hasched.zoo.data import parse_image_range
 
 __all__ = [
-    "FaultScenario",
     "resolve_device",
-    "parse_layers",
+    "calibration_images",
     "parse_image_range",
+    "check_image_spec",
     "load_images",
     "build_evaluator",
+    "accuracy_mismatch",
+    "check_layers",
     "evaluate",
     "save_schedule",
+    "read_schedule",
     "load_schedule",
 ]
-
-
-@dataclass(frozen=True)
-class FaultScenario:
-    """What is wrong with the accelerator.
-
-    Attributes:
-        error: Error model name (see :func:`hasched.sim.faults.list_error_models`).
-        fr_max: Maximum per-PE fault rate of the generated profile.
-        profile_seed: Seed of the generated profile.
-        profile_path: Load this ``.npy``/``.json`` profile instead of generating one.
-        error_params: Extra error-model parameters, e.g. ``(("high_bit", 30),)``.
-        accel: Accelerator geometry.
-    """
-
-    error: str
-    fr_max: float
-    profile_seed: int = 1
-    profile_path: str | None = None
-    error_params: tuple[tuple[str, int], ...] = ()
-    accel: AcceleratorConfig = field(default_factory=AcceleratorConfig)
-
-    def error_model(self):
-        return create_error_model(self.error, **dict(self.error_params))
-
-    def profile(self) -> FaultProfile:
-        if self.profile_path:
-            prof = FaultProfile.load(self.profile_path)
-        else:
-            prof = FaultProfile.generate(self.fr_max, self.profile_seed, self.accel)
-        prof.check(self.accel)
-        return prof
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -94,59 +63,69 @@ def resolve_device(device: str | None = None) -> torch.device:
     return dev
 
 
-def parse_layers(spec: str | list[str], known: list[str]) -> list[str]:
-    """``"c0,h2"`` -> ``["c0", "h2"]``; ``"all"`` -> every weight layer."""
-    if isinstance(spec, str):
-        if spec.strip() == "all":
-            return list(known)
-        spec = [s.strip() for s in spec.replace("+", ",").split(",") if s.strip()]
-    for name in spec:
-        if name not in known:
-            raise HaschedError(f"unknown layer {name!r}; known layers: {', '.join(known)}")
-    if not spec:
-        raise HaschedError("no layer given")
-    return list(spec)
 
 
-def parse_image_range(spec: str | int | None, n_total: int) -> slice:
-    """Which test images to use: ``None`` (all), ``N`` (the first N), ``"a:b"`` (a slice)."""
-    if spec is None or spec == "":
-        return slice(0, n_total)
+def check_image_spec(spec: str, option: str = "--images") -> None:
+    """Syntax and order of an image range, before the dataset (and its size) is loaded."""
     text = str(spec).strip()
     try:
-        if ":" in text:
-            lo, _, hi = text.partition(":")
-            start = int(lo) if lo.strip() else 0
-            stop = int(hi) if hi.strip() else n_total
-        else:
-            start, stop = 0, int(text)
-    except ValueError:
-        raise HaschedError(f"bad image range {spec!r}; use N, A:B, A: or :B") from None
-    if not (0 <= start < stop <= n_total):
-        raise HaschedError(f"image range {spec!r} is outside 0..{n_total} or empty")
-    return slice(start, stop)
+        parse_image_range(text, 1 << 62)
+    except HaschedError:
+        raise HaschedError(f"{option} must be N >= 1, A:B, A: or :B with A < B, got "
+                           f"{text!r}") from None
+
+
+def _ref(model: str | Scenario):
+    from hasched.zoo.ref import ModelRef
+
+    return model.model_ref() if isinstance(model, Scenario) else ModelRef(model)
 
 
 def load_images(
-    model_name: str,
+    model: str | Scenario,
     spec: str | int | None = None,
     data_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Test images of the model's dataset: ``(images, labels, info)``."""
-    ds = load_dataset(get_model_spec(model_name).dataset, "test", data_dir)
-    sl = parse_image_range(spec, len(ds))
-    info = {"dataset": ds.name, "fingerprint": ds.fingerprint, "start": sl.start,
-            "stop": sl.stop}
-    return ds.images[sl].to(device), ds.labels[sl].to(device), info
+    """Test images of the model's dataset, shaped for it: ``(images, labels, info)``."""
+    from hasched.zoo.load import eval_data
+
+    return eval_data(_ref(model), spec, data_dir, device)
+
+
+def model_layer_names(model: str | Scenario) -> list[str]:
+    """Accelerable layer names of a model (no weights are loaded)."""
+    from hasched.zoo.ref import build_model
+
+    return weight_layer_names(build_model(_ref(model), 0))
+
+
+def require_model(scn: Scenario, models_dir: str | Path | None = None) -> None:
+    """Checks the scenario's model can be loaded (missing, corrupt or NaN checkpoint) before
+    any output exists; a checkpoint file is loaded strictly."""
+    from hasched.zoo.load import load_model
+    from hasched.zoo.train import require_stored
+
+    ref = scn.model_ref()
+    if ref.checkpoint is not None:
+        load_model(ref, scn.seed)
+    else:
+        require_stored(ref, scn.seed, models_dir)
+
+
+def calibration_images(model: str | Scenario, data_dir: str | Path | None, device,
+                       n: int = 512) -> torch.Tensor:
+    """The first ``n`` training images of the model's dataset (int8 activation scales)."""
+    from hasched.zoo.data import load_dataset
+    from hasched.zoo.load import eval_data
+
+    ref = _ref(model)
+    n = min(n, len(load_dataset(ref.dataset, "train", data_dir)))
+    return eval_data(ref, f":{n}", data_dir, device, split="train")[0]
 
 
 def build_evaluator(
-    model_name: str,
-    seed: int,
-    layers: str | list[str],
-    scenario: FaultScenario,
-    images: str | int | None = None,
+    scn: Scenario,
     *,
     device: str | torch.device | None = "cpu",
     models_dir: str | Path | None = None,
@@ -155,28 +134,61 @@ def build_evaluator(
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     data: tuple[torch.Tensor, torch.Tensor, dict] | None = None,
+    train: bool = False,
 ) -> FaultyEvaluator:
-    """Loads (or trains) the model and its data and returns a ready evaluator.
+    """Loads the model and its data and returns a ready evaluator.
 
-    ``data`` lets callers that evaluate many scenarios share one loaded image set.
-    The evaluator carries ``.info`` (model metadata, images, scenario) for reports.
+    ``data`` lets callers that evaluate many scenarios share one loaded image set (it
+    replaces ``scn.images``). The evaluator carries ``.info`` (model metadata, images,
+    scenario) for reports. A missing checkpoint is an error unless ``train`` is set
+    (training takes minutes).
     """
     dev = resolve_device(device) if not isinstance(device, torch.device) else device
-    model, meta = load_or_train(model_name, seed, models_dir=models_dir, data_dir=data_dir,
-                                progress=progress, log=log)
-    layer_list = parse_layers(layers, weight_layer_names(model))
-    x, y, img_info = data if data is not None else load_images(model_name, images, data_dir, dev)
-    ev = FaultyEvaluator(model, x.to(dev), y.to(dev), layer_list, scenario.profile(),
-                         scenario.error_model(), scenario.accel, config)
-    ev.info = {"model": model_name, "seed": seed, "layers": layer_list, "images": img_info,
-               "checkpoint": meta, "scenario": scenario_dict(scenario)}
+    from hasched.zoo.load import load_model
+
+    scn.validate()
+    model, meta = load_model(scn.model_ref(), scn.seed, models_dir=models_dir,
+                             data_dir=data_dir, train=train, log=log, progress=progress)
+    parse_layer_groups([scn.layers], weight_layer_names(model))
+    x, y, img_info = data if data is not None else load_images(scn, scn.images, data_dir, dev)
+    arith = scn.arithmetic_obj()
+    calib = calibration_images(scn, data_dir, dev) if arith.needs_calibration else None
+    fault, profile, chip = scn.fault_data()
+    ev = FaultyEvaluator(model, x.to(dev), y.to(dev), list(scn.layers), fault, profile,
+                         chip=chip, mapping=scn.mapping_obj(), arithmetic=arith,
+                         calibration=calib, metric=scn.metric, config=config)
+    ev.info = {"images": img_info, "checkpoint": meta, "scenario": scn.to_dict(),
+               "mapping": ev.mapping.describe(), "fault": ev.fault_model.describe()}
+    if log is not None and scn.metric == "top1":
+        warning = accuracy_mismatch(ev.reference_score, meta, img_info)
+        if warning:
+            log(f"warning: {scn.model} seed {scn.seed}: {warning}")
     return ev
 
 
-def scenario_dict(s: FaultScenario) -> dict:
-    d = asdict(s)
-    d["error_params"] = dict(s.error_params)
-    return d
+def accuracy_mismatch(clean: float, meta: dict, images: dict, tolerance: float = 0.02) -> str:
+    """Compares a measured clean accuracy with the checkpoint's recorded test accuracy.
+
+    Only a measurement on the full test set (the one ``test_accuracy`` was measured on,
+    same dataset fingerprint) is compared; it is free, since every evaluator computes its
+    clean predictions anyway.
+
+    Returns:
+        A one-line warning when they differ by more than ``tolerance``, else ``""``.
+    """
+    recorded = meta.get("test_accuracy")
+    fingerprint = (meta.get("dataset_fingerprint") or {}).get("test")
+    full = (images.get("start") == 0 and images.get("stop") == meta.get("test_images")
+            and fingerprint is not None and images.get("fingerprint") == fingerprint)
+    if not full or not isinstance(recorded, int | float) or abs(clean - recorded) <= tolerance:
+        return ""
+    return (f"clean accuracy {100 * clean:.1f} % on the full test set, but the checkpoint "
+            f"records {100 * recorded:.1f} %; the weights may be damaged or from another run")
+
+
+def check_layers(model_name: str | Scenario, spec: str | list) -> list[tuple[str, ...]]:
+    """Validates layer groups against a registered model without loading any checkpoint."""
+    return parse_layer_groups(spec, model_layer_names(model_name))
 
 
 def evaluate(
@@ -185,23 +197,38 @@ def evaluate(
     error_seed: int = 0,
     perms: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Clean and faulty accuracy of one evaluator (the JSON of ``hasched evaluate``)."""
+    """Clean and faulty metric of one evaluator (the JSON of ``hasched evaluate``).
+
+    The record holds the whole scenario (``scenario``), so that
+    ``Scenario.from_dict(record["scenario"])`` re-runs it.
+    """
     g = torch.Generator(device=ev.device).manual_seed(error_seed)
+    if ev.fault_model.permanent:
+        repeats = 1  # a chip is deterministic: more repeats would repeat the same number
     acc = ev.accuracy(perms, repeats=repeats, generator=g)[0].tolist()
     stats = summarize(acc)
     info = getattr(ev, "info", {})
-    scn = info.get("scenario", {})
+    scn = dict(info.get("scenario", {}))
+    scn.update(repeats=repeats, error_seed=error_seed)
     return {
-        "model": info.get("model"),
-        "seed": info.get("seed"),
+        "scenario": scn,
+        "model": scn.get("model"),
+        "seed": scn.get("seed"),
         "layers": ev.layers,
-        "error": scn.get("error"),
+        "error": scn.get("fault"),
         "fr_max": scn.get("fr_max"),
         "profile_seed": scn.get("profile_seed"),
+        "mapping": ev.mapping.spec(),
+        "arithmetic": ev.arithmetic.spec(),
+        "fault": ev.fault_model.describe(),
+        "metric": ev.metric_name,
         "repeats": repeats,
         "images": ev.n_images,
         "error_seed": error_seed,
         "scheduled": sorted(perms) if perms else [],
+        "path": ev.last_path,
+        "layer_paths": ev.layer_modes(),
+        "reference_accuracy": ev.reference_score,
         "clean_accuracy": ev.clean_accuracy,
         "accuracy_mean": stats["mean"],
         "accuracy_std": stats["std"],
@@ -212,42 +239,52 @@ def evaluate(
 
 def save_schedule(path: str | Path, perms: dict[str, torch.Tensor], **meta) -> Path:
     """Writes a schedule file: ``{"permutations": {layer: [row per slot]}, ...meta}``."""
-    path = Path(path)
     obj = dict(meta)
     obj["permutations"] = {k: [int(i) for i in v.reshape(-1).tolist()] for k, v in perms.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
-    return path
+    return atomic_write(path, json.dumps(obj, indent=1))
 
 
-def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Reads a schedule file and checks it against the faulty layers' row counts.
+def read_schedule(path: str | Path) -> tuple[dict[str, list[int]], dict]:
+    """Reads a schedule file and checks its schema (no model needed, so it can run first).
+
+    The file is ``{"permutations": {layer: [row, ...]}, ...metadata}``; every entry must be
+    a JSON integer (``0.9``, ``true`` and ``"1"`` are refused, never coerced) and at least
+    one layer must be scheduled. A folder stands for its ``schedule.json``.
 
     Returns:
-        ``({layer: LongTensor[1, rows]}, the file's metadata)``.
+        ``({layer: [row per slot]}, the file's metadata)``.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "schedule.json"
-    if not path.is_file():
-        raise HaschedError(f"schedule file not found: {path}")
-    try:
-        obj = json.loads(path.read_text())
-        perms = obj["permutations"]
-        if not isinstance(perms, dict):
-            raise TypeError("'permutations' must be an object")
-        out = {k: torch.tensor([int(i) for i in v], dtype=torch.long)[None]
-               for k, v in perms.items()}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HaschedError(f"schedule {path} is malformed: {err}") from None
-    for name, perm in out.items():
-        if name not in rows:
-            raise HaschedError(f"schedule {path} names layer {name!r}, which is not among the "
+    name = f"schedule {path}"
+    obj = read_json(path, what="schedule file")
+    perms = require(obj, "permutations", dict, file=name)
+    if not perms:
+        raise HaschedError(f"{name}: 'permutations' is empty; it must map at least one "
+                           "faulty layer to a permutation")
+    for layer, perm in perms.items():
+        check_type(perm, list[int], file=name, name=f"permutations.{layer}")
+    return perms, {k: v for k, v in obj.items() if k != "permutations"}
+
+
+def load_schedule(path: str | Path, rows: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Reads a schedule file (:func:`read_schedule`) and checks it against the faulty
+    layers' row counts.
+
+    Returns:
+        ``({layer: LongTensor[1, rows]}, the file's metadata)``.
+    """
+    perms, meta = read_schedule(path)
+    name = f"schedule {Path(path) / 'schedule.json' if Path(path).is_dir() else path}"
+    out = {}
+    for layer, perm in perms.items():
+        if layer not in rows:
+            raise HaschedError(f"{name} names layer {layer!r}, which is not among the "
                                f"faulty layers {sorted(rows)}")
-        n = rows[name]
-        if perm.shape[1] != n or not torch.equal(perm.sort().values[0], torch.arange(n)):
-            raise HaschedError(f"schedule {path}: layer {name} needs a permutation of "
-                               f"0..{n - 1}")
-    meta = {k: v for k, v in obj.items() if k != "permutations"}
+        n = rows[layer]
+        if len(perm) != n or sorted(perm) != list(range(n)):
+            raise HaschedError(f"{name}: layer {layer} needs a permutation of 0..{n - 1} "
+                               f"(each row once), got {len(perm)} entries")
+        out[layer] = torch.tensor(perm, dtype=torch.long)[None]
     return out, meta

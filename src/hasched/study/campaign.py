@@ -9,6 +9,7 @@ of an uninterrupted one.
 Layout of a campaign folder::
 
     DIR/config.json          the grid (a rerun with other arguments is refused)
+    DIR/.hasched.lock        the PID of the run writing the folder (a second one is refused)
     DIR/parts/<cell>.json    one file per finished cell, written atomically (tmp + rename)
     DIR/results.csv          tidy table, one row per evaluation, rebuilt from the parts
     DIR/summary.csv          mean +- std over model seeds x profile seeds x repeats
@@ -26,19 +27,30 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
 
 from hasched.errors import HaschedError
+from hasched.io import (
+    atomic_write,
+    check_fields,
+    check_out_dir,
+    claim_out_dir,
+    make_dirs,
+    read_json,
+    require,
+)
+from hasched.seeds import derive_seed
 from hasched.sim.gemm import SAMPLER_VERSION
+from hasched.study.scenario import Scenario
 
 __all__ = [
     "SWEEP_FR_MAX",
@@ -51,14 +63,18 @@ __all__ = [
     "RESULT_COLUMNS",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the whole scenario in every row
 
 # The wider sweep drawn as curves (``--fr-max sweep``), on top of Table 1's rates.
 SWEEP_FR_MAX: tuple[float, ...] = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2,
                                    0.1, 0.2, 0.5)
 
-RESULT_COLUMNS = ["model", "seed", "layers", "error", "fr_max", "profile_seed", "repeat",
-                  "error_seed", "images", "clean_accuracy", "accuracy", "degradation_pts"]
+# One row per evaluation; with the campaign's base scenario the first 13 columns re-create
+# the row's Scenario exactly ("error" is the fault model).
+RESULT_COLUMNS = ["model", "seed", "layers", "mapping", "n_sms", "k_order", "arithmetic",
+                  "multiplier", "error", "fault_params", "fr_max", "profile_seed", "metric",
+                  "repeat", "error_seed", "images", "clean_accuracy", "accuracy",
+                  "degradation_pts"]
 GROUP_COLUMNS = ["model", "layers", "error", "fr_max"]
 
 
@@ -78,14 +94,63 @@ def _ints(spec: str | int | list[int] | tuple[int, ...], what: str) -> tuple[int
     return out
 
 
-def _model_layers(model: str) -> list[str]:
-    import torch
+def _errors(errors: str | list[str]) -> list[str]:
+    """Fault specs (``name`` or ``name:key=value,...``) to sweep."""
+    from hasched.sim.faults import PAPER_FR_MAX, list_fault_models
+    from hasched.study.scenario import parse_fault, split_fault_list
 
-    from hasched.sim.layers import weight_layer_names
-    from hasched.zoo.models import create_model
+    names = list_fault_models()
+    if isinstance(errors, str):
+        errs = list(PAPER_FR_MAX) if errors.strip() == "all" else split_fault_list(errors)
+    else:
+        errs = list(errors)
+    for e in errs:
+        if parse_fault(e)[0] not in names:
+            raise HaschedError(f"unknown error model {e!r}; known: {', '.join(names)}")
+    if not errs or len(set(errs)) != len(errs):
+        raise HaschedError(f"--errors must list distinct error models, got {errors!r}")
+    return errs
 
-    with torch.random.fork_rng():  # creating a model draws from the global RNG
-        return weight_layer_names(create_model(model))
+
+def _rates(fr_max: str | list[float], errs: list[str]) -> str | tuple[float, ...]:
+    from hasched.sim.faults import PAPER_FR_MAX
+
+    if isinstance(fr_max, str) and fr_max.strip() in ("paper", "sweep"):
+        missing = [e for e in errs if _name(e) not in PAPER_FR_MAX]
+        if missing:
+            raise HaschedError(f"the paper gives no FR_max for {', '.join(missing)}; "
+                               "pass explicit rates with --fr-max 1e-3,2e-3")
+        return fr_max.strip()
+    items = fr_max.split(",") if isinstance(fr_max, str) else fr_max
+    try:
+        frs = tuple(sorted({float(v) for v in items if str(v).strip()}))
+    except ValueError:
+        raise HaschedError(f"--fr-max must be paper, sweep or rates like 1e-3,5e-3; "
+                           f"got {fr_max!r}") from None
+    if not frs or not all(0 < v <= 1 and math.isfinite(v) for v in frs):
+        raise HaschedError(f"--fr-max rates must lie in (0, 1], got {fr_max!r}")
+    return frs
+
+
+def _normalized(base: Scenario, model: str) -> Scenario:
+    """The base with every field a cell sets reset, so that a config records (and a
+    resume compares) only what is really common to all cells."""
+    d = Scenario()
+    return base.replace(model=model, seed=d.seed, layers=d.layers, fault=d.fault,
+                        fault_params=d.fault_params, fr_max=d.fr_max,
+                        profile_seed=d.profile_seed, repeats=d.repeats, images=None,
+                        error_seed=d.error_seed)
+
+
+def _fault_fields(spec: str) -> dict:
+    from hasched.study.scenario import parse_fault
+
+    name, params = parse_fault(spec)
+    return {"fault": name, "fault_params": params} if params else {"fault": name}
+
+
+def _name(spec: str) -> str:
+    return spec.partition(":")[0]
 
 
 @dataclass(frozen=True)
@@ -114,101 +179,83 @@ class CampaignConfig:
     repeats: int = 3
     images: str | None = "1000"
     device: str = "cpu"
+    base: Scenario = field(default_factory=Scenario)
 
     @classmethod
     def from_args(
         cls,
         model: str,
         seeds: str | list[int] = "1,2,3",
-        layers: str | list[str] = "all",
+        layers: str | list[str] = "each",
         errors: str | list[str] = "all",
         fr_max: str | list[float] = "paper",
         profile_seeds: str | list[int] = "1,2",
         repeats: int = 3,
         images: str | int | None = 1000,
         device: str = "cpu",
+        base: Scenario | None = None,
     ) -> CampaignConfig:
-        """Parses and validates command-line style arguments (raises HaschedError)."""
-        from hasched.sim.faults import PAPER_FR_MAX, list_error_models
+        """Parses and validates command-line style arguments (raises HaschedError).
 
-        known = _model_layers(model)
-        if isinstance(layers, str):
-            entries = known if layers.strip() == "all" else [
-                e.strip() for e in layers.split(",") if e.strip()]
-        else:
-            entries = list(layers)
-        if not entries:
-            raise HaschedError("--layers is empty")
-        for entry in entries:
-            parts = entry.split("+")
-            for name in parts:
-                if name not in known:
-                    raise HaschedError(f"unknown layer {name!r} in --layers; {model} has "
-                                       f"{', '.join(known)}")
-            if len(set(parts)) != len(parts):
-                raise HaschedError(f"layer entry {entry!r} names a layer twice")
-        if len(set(entries)) != len(entries):
-            raise HaschedError(f"--layers lists an entry twice: {layers!r}")
-        names = list_error_models()
-        if isinstance(errors, str):
-            errs = list(PAPER_FR_MAX) if errors.strip() == "all" else [
-                e.strip() for e in errors.split(",") if e.strip()]
-        else:
-            errs = list(errors)
-        for e in errs:
-            if e not in names:
-                raise HaschedError(f"unknown error model {e!r}; known: {', '.join(names)}")
-        if not errs or len(set(errs)) != len(errs):
-            raise HaschedError(f"--errors must list distinct error models, got {errors!r}")
-        if isinstance(fr_max, str) and fr_max.strip() in ("paper", "sweep"):
-            frs: str | tuple[float, ...] = fr_max.strip()
-            missing = [e for e in errs if e not in PAPER_FR_MAX]
-            if missing:
-                raise HaschedError(f"the paper gives no FR_max for {', '.join(missing)}; "
-                                   "pass explicit rates with --fr-max 1e-3,2e-3")
-        else:
-            items = fr_max.split(",") if isinstance(fr_max, str) else fr_max
-            try:
-                frs = tuple(sorted({float(v) for v in items if str(v).strip()}))
-            except ValueError:
-                raise HaschedError(f"--fr-max must be paper, sweep or rates like 1e-3,5e-3; "
-                                   f"got {fr_max!r}") from None
-            if not frs or not all(0 < v <= 1 and math.isfinite(v) for v in frs):
-                raise HaschedError(f"--fr-max rates must lie in (0, 1], got {fr_max!r}")
+        ``base`` holds the scenario fields that are not swept (mapping, arithmetic, fault
+        parameters, metric...); its model, seed, layers, fault, rates and images are
+        replaced per cell.
+        """
+        from hasched.study.build import model_layer_names
+        from hasched.study.scenario import parse_layer_groups
+
+        groups = parse_layer_groups(layers, model_layer_names((base or Scenario()).replace(
+            model=model)))
+        errs = _errors(errors)
+        frs = _rates(fr_max, errs)
         if int(repeats) < 1:
             raise HaschedError(f"--repeats must be >= 1, got {repeats}")
         if images is not None:
-            text = str(images).strip()
-            if text.isdigit() and int(text) < 1:
-                raise HaschedError(f"--images must be >= 1, got {images}")
+            from hasched.study.build import check_image_spec
+
+            check_image_spec(str(images).strip())
         dev = str(device or "cpu").split(":")[0]
         if dev not in ("cpu", "cuda"):
             raise HaschedError(f"--device must be cpu or cuda, got {device!r}")
-        return cls(model=model, seeds=_ints(seeds, "seeds"), layers=tuple(entries),
-                   errors=tuple(errs), fr_max=frs,
+        base = _normalized(base or Scenario(), model)
+        for e in errs:  # every fault must build with the base's parameters
+            base.replace(**_fault_fields(e), fr_max=0.0).validate()
+        return cls(model=model, seeds=_ints(seeds, "seeds"),
+                   layers=tuple("+".join(g) for g in groups), errors=tuple(errs), fr_max=frs,
                    profile_seeds=_ints(profile_seeds, "profile-seeds"), repeats=int(repeats),
-                   images=None if images is None else str(images).strip(), device=dev)
+                   images=None if images is None else str(images).strip(), device=dev,
+                   base=base)
+
+    def scenario(self, cell: Cell) -> Scenario:
+        """The full scenario of one cell."""
+        return self.base.replace(model=self.model, seed=cell.seed,
+                                 layers=tuple(cell.layers.split("+")), **_fault_fields(cell.error),
+                                 fr_max=cell.fr_max, profile_seed=cell.profile_seed,
+                                 repeats=self.repeats, images=self.images,
+                                 error_seed=cell.error_seed(self.model))
 
     def rates(self, error: str) -> tuple[float, ...]:
         """The FR_max values of one error type."""
         from hasched.sim.faults import PAPER_FR_MAX
 
         if self.fr_max == "paper":
-            return tuple(PAPER_FR_MAX[error])
+            return tuple(PAPER_FR_MAX[_name(error)])
         if self.fr_max == "sweep":
-            return tuple(sorted(set(PAPER_FR_MAX[error]) | set(SWEEP_FR_MAX)))
+            return tuple(sorted(set(PAPER_FR_MAX[_name(error)]) | set(SWEEP_FR_MAX)))
         return tuple(self.fr_max)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "base"}
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        d["base"] = self.base.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CampaignConfig:
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        d["base"] = Scenario.from_dict(d.get("base", {}))
         return cls(**d)
 
 
@@ -228,8 +275,7 @@ class Cell:
 
     def error_seed(self, model: str) -> int:
         """Stable across runs, processes and Python versions (not ``hash()``)."""
-        digest = hashlib.sha256(f"{model}|{self.key}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+        return derive_seed(model, self.key)
 
 
 def expand_grid(cfg: CampaignConfig) -> list[Cell]:
@@ -245,27 +291,24 @@ def _part_path(out: Path, cell: Cell) -> Path:
     return out / "parts" / f"{cell.key}.json"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _want(cfg: CampaignConfig) -> dict:
+    return {"format": FORMAT_VERSION, "sampler": SAMPLER_VERSION, "config": cfg.to_dict()}
 
 
-def open_store(out: str | Path, cfg: CampaignConfig) -> Path:
-    """Creates ``out`` with its config, or checks an existing one matches ``cfg``."""
-    out = Path(out)
-    cfg_path = out / "config.json"
-    want = {"format": FORMAT_VERSION, "sampler": SAMPLER_VERSION, "config": cfg.to_dict()}
-    if cfg_path.is_file():
-        try:
-            have = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise HaschedError(f"{cfg_path} is unreadable ({err}); use another --out") from None
+def check_campaign_dir(out: str | Path, cfg: CampaignConfig) -> bool:
+    """The output-folder policy for a campaign (reads only): True when ``out`` is resumed.
+
+    Raises:
+        HaschedError: ``out`` is a file, foreign, or holds a different campaign.
+    """
+    want = _want(cfg)
+
+    def compatible(have: dict, path: Path) -> None:
+        if not isinstance(have.get("config"), dict) or "format" not in have:
+            raise HaschedError(f"{path} is not a sensitivity campaign's config (another "
+                               "command's folder?); use another --out")
         if have != want:
-            old = have.get("config", {}) if isinstance(have, dict) else {}
+            old = have["config"]
             diff = sorted(k for k in set(old) | set(want["config"])
                           if old.get(k) != want["config"].get(k))
             if not diff:  # same grid, other engine: resuming would mix error draws
@@ -273,23 +316,33 @@ def open_store(out: str | Path, cfg: CampaignConfig) -> Path:
             raise HaschedError(f"{out} holds a different campaign (differs in: "
                                f"{', '.join(diff)}); rerun with its arguments or use "
                                "another --out")
-    elif out.exists() and any(out.iterdir()):
-        raise HaschedError(f"{out} exists, is not empty and is not a campaign folder; "
-                           "use another --out")
-    (out / "parts").mkdir(parents=True, exist_ok=True)
-    if not cfg_path.is_file():
-        _atomic_write_text(cfg_path, json.dumps(want, indent=1) + "\n")
-    return out
+
+    return check_out_dir(out, what="campaign", compatible=compatible)
+
+
+@contextlib.contextmanager
+def open_store(
+    out: str | Path, cfg: CampaignConfig, log: Callable[[str], None] | None = None
+) -> Iterator[Path]:
+    """Checks ``out``, then creates it with its config and holds its lock in the block."""
+    check_campaign_dir(out, cfg)
+    with claim_out_dir(out, _want(cfg), log=log) as folder:
+        make_dirs(folder / "parts")
+        yield folder
+
+
+_CONFIG_FIELDS = {"model": str, "seeds": list[int], "layers": list[str], "errors": list[str],
+                  "fr_max": str | list[float], "profile_seeds": list[int], "repeats": int,
+                  "images": str | None, "device": str, "base": dict}
 
 
 def read_config(out: str | Path) -> CampaignConfig:
+    """The grid of a campaign folder, schema-checked (errors name the file and field)."""
     path = Path(out) / "config.json"
     if not path.is_file():
         raise HaschedError(f"{out} is not a campaign folder (no config.json)")
-    try:
-        return CampaignConfig.from_dict(json.loads(path.read_text(encoding="utf-8"))["config"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise HaschedError(f"{path} is malformed: {err}") from None
+    d = require(read_json(path, what="campaign config"), "config", dict, file=path)
+    return CampaignConfig.from_dict(check_fields(d, _CONFIG_FIELDS, file=path, where="config"))
 
 
 def _finished(out: Path, cells: list[Cell]) -> dict[str, list[dict]]:
@@ -312,10 +365,15 @@ def _finished(out: Path, cells: list[Cell]) -> dict[str, list[dict]]:
 
 def _rows(cfg: CampaignConfig, cell: Cell, res: dict) -> list[dict]:
     clean = float(res["clean_accuracy"])
-    return [{"model": cfg.model, "seed": cell.seed, "layers": cell.layers, "error": cell.error,
-             "fr_max": cell.fr_max, "profile_seed": cell.profile_seed, "repeat": i,
+    scn = cfg.scenario(cell)
+    fixed = {"model": cfg.model, "seed": cell.seed, "layers": cell.layers,
+             "mapping": scn.mapping, "n_sms": scn.n_sms, "k_order": scn.k_order,
+             "arithmetic": scn.arithmetic, "multiplier": scn.multiplier, "error": cell.error,
+             "fault_params": json.dumps(dict(scn.fault_params), sort_keys=True),
+             "fr_max": cell.fr_max, "profile_seed": cell.profile_seed, "metric": scn.metric,
              "error_seed": cell.error_seed(cfg.model), "images": int(res["images"]),
-             "clean_accuracy": clean, "accuracy": float(a),
+             "clean_accuracy": clean}
+    return [{**fixed, "repeat": i, "accuracy": float(a),
              "degradation_pts": 100.0 * (clean - float(a))}
             for i, a in enumerate(res["accuracies"])]
 
@@ -348,8 +406,8 @@ def write_tables(out: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     out = Path(out)
     df = load_results(out)
     summary = summarize_results(df)
-    _atomic_write_text(out / "results.csv", df.to_csv(index=False))
-    _atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    atomic_write(out / "results.csv", df.to_csv(index=False))
+    atomic_write(out / "summary.csv", summary.to_csv(index=False))
     return df, summary
 
 
@@ -361,17 +419,16 @@ _WORKER: dict = {}
 
 def _default_evaluate(cfg: CampaignConfig, cell: Cell) -> dict:
     """Builds the cell's evaluator (model and data cached per process) and evaluates it."""
-    from hasched.study.build import FaultScenario, build_evaluator, evaluate, load_images
+    from hasched.study.build import build_evaluator, evaluate, load_images
 
     device = _WORKER.get("device", cfg.device)
     dkey = ("data", device)
     if dkey not in _WORKER:
-        _WORKER[dkey] = load_images(cfg.model, cfg.images, _WORKER.get("data_dir"), device)
-    scn = FaultScenario(error=cell.error, fr_max=cell.fr_max, profile_seed=cell.profile_seed)
-    ev = build_evaluator(cfg.model, cell.seed, cell.layers.split("+"), scn, cfg.images,
-                         device=device, models_dir=_WORKER.get("models_dir"),
+        _WORKER[dkey] = load_images(cfg.base, cfg.images, _WORKER.get("data_dir"), device)
+    scn = cfg.scenario(cell)
+    ev = build_evaluator(scn, device=device, models_dir=_WORKER.get("models_dir"),
                          data_dir=_WORKER.get("data_dir"), progress=False, data=_WORKER[dkey])
-    return evaluate(ev, repeats=cfg.repeats, error_seed=cell.error_seed(cfg.model))
+    return evaluate(ev, repeats=scn.repeats, error_seed=scn.error_seed)
 
 
 def _init_worker(devices, threads: int, models_dir, data_dir) -> None:
@@ -386,6 +443,27 @@ def _work(args: tuple) -> tuple[str, dict]:
     return cell.key, (fn or _default_evaluate)(cfg, cell)
 
 
+def _devices(cfg: CampaignConfig, workers: int, evaluate_fn: Evaluate | None) -> list[str]:
+    if cfg.device == "cuda" and evaluate_fn is None:
+        from hasched.study.build import resolve_device
+
+        resolve_device("cuda")
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"] * workers
+
+
+def _check_inputs(cfg: CampaignConfig, models_dir, data_dir, train: bool) -> None:
+    """What the real engine needs, checked before the folder is created."""
+    from hasched.study.build import load_images, require_model
+
+    load_images(cfg.base, cfg.images, data_dir)  # the dataset is there, the range fits
+    if not train:
+        for seed in cfg.seeds:
+            require_model(cfg.base.replace(seed=seed), models_dir)
+
+
 def run_campaign(
     cfg: CampaignConfig,
     out: str | Path,
@@ -397,8 +475,12 @@ def run_campaign(
     log: Callable[[str], None] | None = None,
     max_cells: int | None = None,
     evaluate_fn: Evaluate | None = None,
+    train: bool = False,
 ) -> dict:
     """Runs (or resumes) a campaign into ``out`` and rebuilds its tables.
+
+    Everything is checked (folder policy, image range, device, checkpoints) before the
+    folder is created; while it runs, the folder is locked against a second writer.
 
     Args:
         cfg: The grid.
@@ -412,38 +494,47 @@ def run_campaign(
         evaluate_fn: ``(cfg, cell) -> {"clean_accuracy", "accuracies", "images"}``;
             defaults to :func:`hasched.study.build.evaluate` on a fresh evaluator. Must be picklable
             when ``workers > 1``.
+        train: Train missing checkpoints (else a missing one is an error).
 
     Returns:
         ``{"cells", "done_before", "computed", "rows", "seconds", "complete"}``.
     """
-    from tqdm import tqdm
-
     if workers < 1:
         raise HaschedError(f"--workers must be >= 1, got {workers}")
-    out = open_store(out, cfg)
-    cells = expand_grid(cfg)
-    done = _finished(out, cells)
-    pending = [c for c in cells if c.key not in done]
-    if max_cells is not None:
-        pending = pending[:max_cells]
-    devices = ["cpu"] * workers
-    if cfg.device == "cuda" and evaluate_fn is None:
-        from hasched.study.build import resolve_device
+    check_campaign_dir(out, cfg)
+    devices = _devices(cfg, workers, evaluate_fn)
+    if evaluate_fn is None:
+        _check_inputs(cfg, models_dir, data_dir, train)
+    with open_store(out, cfg, log=log) as out:
+        cells = expand_grid(cfg)
+        done = _finished(out, cells)
+        pending = [c for c in cells if c.key not in done]
+        if max_cells is not None:
+            pending = pending[:max_cells]
+        if pending and evaluate_fn is None:
+            from hasched.zoo.load import load_model
 
-        resolve_device("cuda")
-        import torch
+            for seed in cfg.seeds:  # train missing checkpoints once, before any worker starts
+                load_model(cfg.base.model_ref(), seed, models_dir=models_dir,
+                           data_dir=data_dir, train=train, log=log, progress=progress)
+        t0 = time.perf_counter()
+        computed = _compute(cfg, out, cells, len(done), pending, devices[:len(pending)],
+                            evaluate_fn, models_dir, data_dir, progress)
+        seconds = time.perf_counter() - t0
+        df, _ = write_tables(out)
+    return {"cells": len(cells), "done_before": len(done), "computed": computed,
+            "rows": len(df), "seconds": seconds,
+            "complete": len(done) + computed == len(cells)}
 
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    n_proc = min(len(devices), len(pending))
-    if pending and evaluate_fn is None:
-        from hasched.zoo.train import load_or_train
 
-        for seed in cfg.seeds:  # train missing checkpoints once, before any worker starts
-            load_or_train(cfg.model, seed, models_dir, data_dir, progress=progress, log=log)
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(cells), initial=len(done),
-               desc=f"sensitivity {cfg.model}", unit="cell", disable=not progress,
-               dynamic_ncols=True)
+def _compute(cfg: CampaignConfig, out: Path, cells: list[Cell], n_done: int,
+             pending: list[Cell], devices: list[str], evaluate_fn: Evaluate | None,
+             models_dir, data_dir, progress: bool) -> int:
+    """Evaluates the pending cells, saving each as it finishes; returns how many."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(cells), initial=n_done, desc=f"sensitivity {cfg.model}", unit="cell",
+               disable=not progress, dynamic_ncols=True)
     computed = 0
     by_key = {c.key: c for c in cells}
 
@@ -451,13 +542,14 @@ def run_campaign(
         nonlocal computed
         cell = by_key[key]
         obj = {"key": key, "cell": asdict(cell), "rows": _rows(cfg, cell, res)}
-        _atomic_write_text(_part_path(out, cell), json.dumps(obj) + "\n")
+        atomic_write(_part_path(out, cell), json.dumps(obj) + "\n")
         computed += 1
         bar.update(1)
 
     try:
-        if n_proc <= 1:
-            _WORKER.update(models_dir=models_dir, data_dir=data_dir, device=devices[0])
+        if len(devices) <= 1:
+            _WORKER.update(models_dir=models_dir, data_dir=data_dir,
+                           device=devices[0] if devices else "cpu")
             try:
                 for cell in pending:
                     save(*_work((cfg, cell, evaluate_fn)))
@@ -468,18 +560,14 @@ def run_campaign(
 
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
-            for d in devices[:n_proc]:
+            for d in devices:
                 queue.put(d)
-            threads = max(1, (os.cpu_count() or 1) // n_proc)
-            with ctx.Pool(n_proc, initializer=_init_worker,
+            threads = max(1, (os.cpu_count() or 1) // len(devices))
+            with ctx.Pool(len(devices), initializer=_init_worker,
                           initargs=(queue, threads, models_dir, data_dir)) as pool:
                 jobs = ((cfg, c, evaluate_fn) for c in pending)
                 for key, res in pool.imap_unordered(_work, jobs):
                     save(key, res)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    df, _ = write_tables(out)
-    return {"cells": len(cells), "done_before": len(done), "computed": computed,
-            "rows": len(df), "seconds": seconds,
-            "complete": len(done) + computed == len(cells)}
+    return computed

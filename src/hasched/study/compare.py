@@ -4,6 +4,10 @@
 searcher (into ``out/<algorithm>/``, so each resumes and is skipped when finished), then
 writes ``comparison.md``, ``comparison.json`` and ``convergence-all.png`` (search fitness
 of every searcher against evaluations on one log-scale axis, with its held-out accuracy).
+
+The folder follows :func:`hasched.io.check_out_dir`: its ``config.json`` records the
+scenario and budget (not the searchers, so another searcher can be added later); every
+searcher's folder is checked before anything is created.
 """
 
 from __future__ import annotations
@@ -15,9 +19,44 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hasched.errors import HaschedError
-from hasched.study.schedule_search import SearchSettings, run_has_search
+from hasched.io import atomic_write, check_out_dir, claim_out_dir
+from hasched.study.schedule_search import (
+    SearchSettings,
+    check_search_dir,
+    prepare_search,
+    run_has_search,
+)
 
-__all__ = ["run_comparison"]
+__all__ = ["check_comparison_dir", "run_comparison"]
+
+
+def _base_key(s: SearchSettings) -> dict:
+    """What every searcher of a comparison shares (the scenario and budget)."""
+    return {k: v for k, v in s.key().items() if k not in ("algorithm", "options")}
+
+
+def check_comparison_dir(out: str | Path, per: dict[str, SearchSettings]) -> bool:
+    """The output-folder policy of a comparison and of each searcher's folder (reads only).
+
+    Raises:
+        HaschedError: ``out`` is foreign or holds another scenario/budget, or a searcher's
+            folder holds other settings.
+    """
+    want = json.loads(json.dumps({"hasched": "compare",
+                                  "settings": _base_key(next(iter(per.values())))}))
+
+    def compatible(cfg: dict, path: Path) -> None:
+        if cfg.get("hasched") != "compare":
+            raise HaschedError(f"{path} is not a hasched comparison config (another command's "
+                               "folder?); use another --out")
+        if cfg != want:
+            raise HaschedError(f"{out} holds a comparison of another scenario or budget; use "
+                               "another --out or delete it")
+
+    resumed = check_out_dir(out, what="comparison", compatible=compatible)
+    for a, s in per.items():
+        check_search_dir(Path(out) / a, s)
+    return resumed
 
 
 def _best_run_history(folder: Path, algorithm: str, summary: dict) -> list[dict]:
@@ -66,6 +105,14 @@ def run_comparison(
     per = {a: dataclasses.replace(settings, algorithm=a, options=options.get(a, {}))
            for a in algorithms}  # validates every name and option before anything runs
     out = Path(out)
+    check_comparison_dir(out, per)
+    prepare_search(settings, models_dir, data_dir)  # images, layers, model: before creating
+    with claim_out_dir(out, {"hasched": "compare", "settings": _base_key(settings)}, log=log):
+        return _compare(out, settings, algorithms, per, models_dir, data_dir, log, progress)
+
+
+def _compare(out: Path, settings: SearchSettings, algorithms: Sequence[str],
+             per: dict[str, SearchSettings], models_dir, data_dir, log, progress) -> dict:
     rows, curves, summaries = [], [], []
     for a in algorithms:
         if log:
@@ -89,12 +136,9 @@ def run_comparison(
               "searchers": rows}
     from hasched.report.search import plot_searchers
 
-    s = settings
-    plot_searchers(curves, out / "convergence-all.png",
-                   title=f"{s.model} {s.layers} {s.error} FR_max {s.fr_max:g} profile "
-                         f"{s.profile_seed}")
-    (out / "comparison.json").write_text(json.dumps(report, indent=1))
-    (out / "comparison.md").write_text(_markdown(report))
+    plot_searchers(curves, out / "convergence-all.png", title=settings.scenario.describe())
+    atomic_write(out / "comparison.md", _markdown(report, settings))
+    atomic_write(out / "comparison.json", json.dumps(report, indent=1))
     return report
 
 
@@ -102,16 +146,14 @@ def _pct(st: dict) -> str:
     return f"{100 * st['mean']:.2f} [{100 * st['ci95'][0]:.2f}, {100 * st['ci95'][1]:.2f}]"
 
 
-def _markdown(report: dict) -> str:
-    s = report["settings"]
+def _markdown(report: dict, s: SearchSettings) -> str:
     lines = [
-        f"# Searchers compared: {s['model']} seed {s['seed']}, {s['layers']}, {s['error']} "
-        f"FR_max {s['fr_max']:g}, profile seed {s['profile_seed']}",
+        f"# Searchers compared: {s.scenario.describe()}",
         "",
-        f"Budget population {s['population']} x {s['generations']} generations, {s['runs']} "
-        f"run(s), fitness = mean of {s['repeats']} error instances on images "
-        f"{s['search_images']}; held-out images {s['holdout_images']} x "
-        f"{s['holdout_repeats']} fresh error instances (95% t-intervals).",
+        f"Budget population {s.population} x {s.generations} generations, {s.runs} "
+        f"run(s), fitness = mean of {s.repeats} error instances on images "
+        f"{s.search_images}; held-out images {s.holdout_images} x "
+        f"{s.holdout_repeats} fresh error instances (95% t-intervals).",
         "",
         f"Clean {_pct(report['clean'])}; identity (unscheduled) {_pct(report['identity'])}.",
         "",

@@ -7,14 +7,17 @@ differ from the known answer, per PE, over ``runs`` probe GEMMs of ``columns`` c
 gives a binomial count per PE, hence a rate and a confidence interval (Clopper-Pearson,
 exact and conservative, or Wilson).
 
-**Probe design** (for the documented tile mapping of :mod:`hasched.sim.hardware`): a dense
-GEMM with ``n_sms * block_height`` rows and one K-block (``K = dense_block_width``) has one
-row-block per SM, so row ``r * block_height + t`` runs on thread ``t`` of SM ``r``, and
-each output element is a single partial product. Weight row ``[v, 0, ..., 0]`` and input
-column ``[1, 0, ..., 0]`` make that partial product exactly ``v``. The test value ``v`` is
-chosen for the error model so that a hit always changes it (e.g. 2.0 for flip-to-1, whose
-exponent bits 23-29 are all 0; 1.0 for flip-to-0); the detection probability ``d`` of the
-chosen value is computed from the error model and divides the observed rate when ``d < 1``.
+**Probe design** (from the documented mapping, :mod:`hasched.sim.mapping`): a dense GEMM
+with ``K = 1`` has one chain per row, so each output element is a single partial product,
+emitted by the PE the mapping names for that row (``LayerPlan.pe_chain``); with one row per
+PE of the grid (gpu-tiles: row-block ``r`` on SM ``r``, row ``t`` of a block on thread
+``t``) every PE is probed ``columns`` times per run. Weight ``v`` and input ``1`` make that
+partial product exactly ``v``. The test value ``v`` is chosen for the fault model so that
+a hit always changes it (e.g. 2.0 for flip-to-1, whose exponent bits 23-29 are all 0; 1.0
+for flip-to-0); the detection probability ``d`` of the chosen value is computed from the
+fault model and divides the observed rate when ``d < 1``. This needs faults at the
+``output`` site (one PE emits each partial product: gpu-tiles); other sites would mix
+several PEs into one output.
 
 :class:`SimulatedChip` is the device under test: it runs GEMMs on the simulator with a
 profile the diagnosis never reads.
@@ -29,14 +32,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from hasched.errors import HaschedError
-from hasched.sim.faults import ErrorModel
-from hasched.sim.gemm import faulty_gemm
-from hasched.sim.hardware import AcceleratorConfig, FaultProfile, layer_tiling, slot_rates
+from hasched.sim.arithmetic import Word
+from hasched.sim.faults import FaultModel
+from hasched.sim.layers import inject_faults
+from hasched.sim.mapping import GemmShape, GpuTiles, Mapping
+from hasched.sim.profile import FaultProfile
 
 __all__ = ["Diagnosis", "SimulatedChip", "binomial_ci", "choose_test_value", "compare_to_truth",
-           "detection_probability", "diagnose"]
+           "detection_probability", "diagnose", "run_diagnosis"]
+
+_FP32 = Word("float32")
 
 # Test values tried per error model: powers of two clear all low exponent bits (flip-to-1),
 # 1.0 sets them (flip-to-0), 2 - 2^-23 has a full mantissa (truncation).
@@ -47,51 +55,62 @@ class SimulatedChip:
     """A faulty accelerator seen from outside: ``gemm(w, x)`` and nothing else.
 
     Args:
-        profile: the chip's hidden per-PE rates.
-        error_model: what a fault does.
-        accel: geometry (public: the probe design needs the mapping, not the rates).
+        profile: the chip's hidden per-PE transient rates.
+        fault: what a fault does (a transient fault model).
+        mapping: where partial products run (public: the probe design needs the mapping,
+            not the rates); default gpu-tiles.
         seed: seed of the chip's fault draws.
     """
 
-    def __init__(self, profile: FaultProfile, error_model: ErrorModel,
-                 accel: AcceleratorConfig | None = None, seed: int = 0) -> None:
-        self.accel = accel or AcceleratorConfig()
-        profile.check(self.accel)
-        self._profile, self.error_model = profile, error_model
+    def __init__(self, profile: FaultProfile, fault: FaultModel,
+                 mapping: Mapping | None = None, seed: int = 0) -> None:
+        if fault is None or getattr(fault, "permanent", False):
+            raise HaschedError("diagnose estimates transient fault rates; give a transient "
+                               "fault model (flip-to-1, bitflip, ...)")
+        self.mapping = mapping or GpuTiles()
+        profile.check(self.mapping.pe_shape)
+        self._rates = torch.from_numpy(profile.flat_rates().copy())
+        self.fault = fault
         self._g = torch.Generator().manual_seed(seed)
 
     def gemm(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``w (R, K) @ x (K, C)`` as a dense layer on the chip: ``(R, C)``."""
-        tiling = layer_tiling(w.shape[0], w.shape[1], self.accel)
-        rates = slot_rates(self._profile, tiling, self.accel)[None]  # (1, R, n_k)
-        return faulty_gemm(w, x[None], tiling, rates, self.error_model, self._g)[0, 0]
+        layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        model, state = inject_faults(nn.Sequential(layer), ["0"], self.mapping, self._rates,
+                                     self.fault, generator=self._g)
+        state.configure(None, 1)
+        with torch.no_grad():
+            return model(x.T).T  # the samples are the GEMM's output columns
 
 
-def detection_probability(error_model: ErrorModel, value: float, points: int = 4096) -> float:
+def detection_probability(fault: FaultModel, value: float, points: int = 4096) -> float:
     """Fraction of hits on ``value`` that change it (deterministic: a uniform grid of the
-    error model's randomness, :meth:`ErrorModel.corrupt_u`)."""
+    fault model's randomness, the ``u`` of :meth:`FaultModel.corrupt`)."""
     u = (torch.arange(points, dtype=torch.float32) + 0.5) / points
     v = torch.full((points,), value, dtype=torch.float32)
-    out = error_model.corrupt_u(v, u)
+    out = fault.corrupt(v, _FP32, None, u, None)
     return float((out != v).double().mean())
 
 
-def choose_test_value(error_model: ErrorModel) -> tuple[float, float]:
+def choose_test_value(fault: FaultModel) -> tuple[float, float]:
     """The candidate value with the highest detection probability: ``(value, d)``."""
-    best = max(_CANDIDATES, key=lambda v: detection_probability(error_model, v))
-    d = detection_probability(error_model, best)
+    best = max(_CANDIDATES, key=lambda v: detection_probability(fault, v))
+    d = detection_probability(fault, best)
     if d <= 0:
-        raise HaschedError(f"error model {error_model.name} leaves every test value unchanged; "
+        raise HaschedError(f"fault model {fault.name} leaves every test value unchanged; "
                            "its faults cannot be observed at the outputs")
     return best, d
 
 
-def binomial_ci(hits: np.ndarray, trials: int, confidence: float = 0.95,
+def binomial_ci(hits: np.ndarray, trials: int | np.ndarray, confidence: float = 0.95,
                 method: str = "clopper-pearson") -> tuple[np.ndarray, np.ndarray]:
     """Two-sided confidence interval of a binomial rate, elementwise.
 
     Args:
-        hits: counts (any shape); trials: ``n`` per count.
+        hits: counts (any shape); trials: ``n`` per count (a number or an array like
+            ``hits``, all >= 1).
         method: ``"clopper-pearson"`` (exact: coverage >= ``confidence`` for every rate)
             or ``"wilson"`` (score interval: coverage close to it on average).
 
@@ -101,7 +120,7 @@ def binomial_ci(hits: np.ndarray, trials: int, confidence: float = 0.95,
     from scipy.stats import beta, norm
 
     x = np.asarray(hits, dtype=np.float64)
-    n = float(trials)
+    n = np.asarray(trials, dtype=np.float64)
     a = 1.0 - confidence
     if method == "clopper-pearson":
         with np.errstate(invalid="ignore"):
@@ -125,7 +144,8 @@ class Diagnosis:
         rates: point estimates (``hits / (trials * detection)``; 0 where unobserved).
         low, high: confidence bounds on the rate.
         hits: corrupted outputs counted per PE.
-        trials: probe partial products per PE (``runs * columns``).
+        trials: probe partial products per PE (``runs * columns`` per probe row on it; 0
+            where unobserved).
         observed: PEs the mapping ever uses (threads below ``block_height``).
         value, detection: the test value and its detection probability.
     """
@@ -134,7 +154,7 @@ class Diagnosis:
     low: np.ndarray
     high: np.ndarray
     hits: np.ndarray
-    trials: int
+    trials: np.ndarray
     observed: np.ndarray
     value: float
     detection: float
@@ -144,31 +164,43 @@ class Diagnosis:
     def profile(self) -> FaultProfile:
         return FaultProfile(rates=self.rates)
 
-    def save(self, path: str | Path) -> Path:
-        """A ``.json`` profile file (``--profile``/``--plan-profile`` accept it) that also
+    def to_dict(self) -> dict:
+        """A profile file's JSON (``--profile``/``--plan-profile`` accept it) that also
         carries the intervals and counts under ``"diagnosis"``."""
+        return {"kind": "fault-profile", "rates": self.rates.tolist(), "fr_max": None,
+                "seed": None, "diagnosis": {
+                    "low": self.low.tolist(), "high": self.high.tolist(),
+                    "hits": self.hits.tolist(), "trials": self.trials.tolist(),
+                    "observed": self.observed.tolist(), "value": self.value,
+                    "detection": self.detection, "confidence": self.confidence,
+                    "method": self.method}}
+
+    def save(self, path: str | Path) -> Path:
+        """Writes :meth:`to_dict` to a ``.json`` file, atomically."""
+        from hasched.io import atomic_write
+
         path = Path(path)
         if path.suffix != ".json":
             raise HaschedError(f"save a diagnosis as .json, got {path.name}")
-        obj = {"rates": self.rates.tolist(), "fr_max": None, "seed": None, "diagnosis": {
-            "low": self.low.tolist(), "high": self.high.tolist(), "hits": self.hits.tolist(),
-            "trials": self.trials, "observed": self.observed.tolist(), "value": self.value,
-            "detection": self.detection, "confidence": self.confidence, "method": self.method}}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(obj))
-        tmp.replace(path)
-        return path
+        return atomic_write(path, json.dumps(self.to_dict()) + "\n")
 
 
-def probe_gemm(accel: AcceleratorConfig, value: float,
-               columns: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(w (n_sms * block_height, K), x (K, columns))`` of one probe (module docstring)."""
-    rows, k = accel.n_sms * accel.block_height, accel.dense_block_width
-    w = torch.zeros(rows, k)
-    w[:, 0] = value
-    x = torch.zeros(k, columns)
-    x[0] = 1.0
-    return w, x
+def probe_pes(mapping: Mapping) -> tuple[int, torch.Tensor]:
+    """Rows of the probe GEMM and the PE that emits each row's partial product.
+
+    Returns:
+        ``(rows, LongTensor[rows])``: as many rows as the grid has PEs, ``K = 1`` (a mapping
+        that uses fewer threads per SM than it has probes some PEs twice, others never).
+
+    Raises:
+        HaschedError: the mapping has no single PE per partial product.
+    """
+    rows = mapping.n_pes
+    plan = mapping.plan(GemmShape(rows=rows, k=1))
+    if plan.pe_chain is None:
+        raise HaschedError(f"diagnose needs a mapping where one PE emits each partial product "
+                           f"(gpu-tiles); {mapping.spec()} accumulates along a row of PEs")
+    return rows, plan.pe_chain[:, 0].long()
 
 
 def diagnose(chip: SimulatedChip, runs: int, columns: int = 4096, confidence: float = 0.95,
@@ -178,24 +210,48 @@ def diagnose(chip: SimulatedChip, runs: int, columns: int = 4096, confidence: fl
         raise HaschedError(f"runs and columns must be >= 1, got {runs}, {columns}")
     if not 0 < confidence < 1:
         raise HaschedError(f"confidence must lie in (0, 1), got {confidence}")
-    accel = chip.accel
-    value, d = choose_test_value(chip.error_model)
-    w, x = probe_gemm(accel, value, columns)
-    hits = torch.zeros(w.shape[0], dtype=torch.long)
+    site = chip.mapping.check_site(chip.fault.site)
+    if site != "output":
+        raise HaschedError(f"diagnose observes faults at the output site; {chip.fault.name} "
+                           f"hits the {site} site here")
+    value, d = choose_test_value(chip.fault)
+    rows, pe = probe_pes(chip.mapping)
+    w = torch.full((rows, 1), value)
+    x = torch.ones(1, columns)
+    hits = torch.zeros(rows, dtype=torch.long)
     for _ in range(runs):
-        out = chip.gemm(w, x)  # (rows, columns)
-        hits += (out != value).sum(1)
-    bh = accel.block_height
-    counts = np.zeros((accel.n_sms, accel.pes_per_sm), dtype=np.int64)
-    counts[:, :bh] = hits.reshape(accel.n_sms, bh).numpy()  # row r*bh + t -> (SM r, thread t)
-    observed = np.zeros_like(counts, dtype=bool)
-    observed[:, :bh] = True
-    n = runs * columns
-    low, high = binomial_ci(counts, n, confidence, method)
-    rates = np.where(observed, np.minimum(counts / (n * d), 1.0), 0.0)
+        hits += (chip.gemm(w, x) != value).sum(1)  # (rows,) corrupted outputs per row
+    shape = chip.mapping.pe_shape
+    n_pes = shape[0] * shape[1]
+    counts = torch.zeros(n_pes, dtype=torch.long).index_add_(0, pe, hits)
+    probes = torch.zeros(n_pes, dtype=torch.long).index_add_(0, pe, torch.ones_like(pe))
+    counts, observed = counts.reshape(shape).numpy(), probes.reshape(shape).numpy() > 0
+    n = probes.reshape(shape).numpy() * (runs * columns)  # trials per PE
+    low, high = binomial_ci(counts, np.maximum(n, 1), confidence, method)
+    rates = np.where(observed, np.minimum(counts / (np.maximum(n, 1) * d), 1.0), 0.0)
     low = np.where(observed, np.minimum(low / d, 1.0), 0.0)
     high = np.where(observed, np.minimum(high / d, 1.0), 1.0)
     return Diagnosis(rates, low, high, counts, n, observed, value, d, confidence, method)
+
+
+def run_diagnosis(chip: SimulatedChip, out: str | Path, runs: int, columns: int = 4096,
+                  confidence: float = 0.95, method: str = "clopper-pearson") -> Diagnosis:
+    """:func:`diagnose`, then the estimate written to ``out`` (a new ``.json`` file).
+
+    Raises:
+        HaschedError: ``out`` exists, is not ``.json`` or cannot be written; checked
+            before any probe runs.
+    """
+    from hasched.io import check_out_file, make_dirs
+
+    out = Path(out)
+    if out.suffix != ".json":
+        raise HaschedError(f"--out must be a .json file, got {out.name}")
+    check_out_file(out, option="--out")
+    diag = diagnose(chip, runs, columns, confidence, method)
+    make_dirs(out.parent)
+    diag.save(out)
+    return diag
 
 
 def compare_to_truth(diag: Diagnosis, truth: FaultProfile) -> dict:

@@ -175,19 +175,20 @@ def export_schedule(
         difference against the original on 16 random inputs.
 
     Raises:
-        HaschedError: ``out`` exists, the schedule or model is unusable, or folding fails.
+        HaschedError: ``out`` exists, the schedule or model is unusable, or folding fails;
+            all checked before anything is written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from hasched.study.build import load_schedule
+    from hasched.io import atomic_write, check_out_file, make_dirs
+    from hasched.study.build import load_schedule, read_schedule
     from hasched.zoo.models import get_model_spec
     from hasched.zoo.train import load_checkpoint
 
     out = Path(out)
-    if out.exists():
-        raise HaschedError(f"{out} exists; not overwriting it")
+    check_out_file(out, option="--out")
     path = Path(schedule) / "schedule.json" if Path(schedule).is_dir() else Path(schedule)
-    raw = _read_json(path)
+    _, raw = read_schedule(path)
     model_name = model_name or raw.get("model")
     seed = seed if seed is not None else raw.get("seed")
     if model_name is None or seed is None:
@@ -206,11 +207,10 @@ def export_schedule(
               "faulty_consumers": sorted(c for c in consumers.values() if c in perms
                                          or c in raw.get("layers", []))}
     state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={"hasched": json.dumps(
+    data = save(state, metadata={"hasched": json.dumps(
         {**report, "checkpoint_test_accuracy": meta.get("test_accuracy")})})
-    tmp.replace(out)
+    make_dirs(out.parent)
+    atomic_write(out, data)
     return report
 
 
@@ -234,14 +234,3 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
         raise HaschedError(f"{path} is not a hasched export: {err}".splitlines()[0]) from None
     return model.eval(), meta
 
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise HaschedError(f"schedule file not found: {path}")
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise HaschedError(f"schedule {path} is malformed: {err}") from None
-    if not isinstance(obj, dict):
-        raise HaschedError(f"schedule {path} is malformed: not a JSON object")
-    return obj

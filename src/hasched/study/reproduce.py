@@ -14,27 +14,38 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_out_dir, claim_out_dir
 from hasched.sim.evaluator import summarize
+from hasched.study.scenario import Scenario
 from hasched.study.schedule_search import SearchSettings, run_has_search
 
-__all__ = ["Case", "paper_cases", "QUICK", "FULL", "run_reproduce"]
+__all__ = ["Case", "paper_cases", "QUICK", "FULL", "check_reproduce_dir", "run_reproduce"]
 
 
 @dataclass(frozen=True)
 class Case:
+    """One §5.2 case: which layers, which fault at which FR_max, and what the paper says."""
+
     model: str
-    layers: str
+    layers: str  # one layer group, "h2+op" faults both
     error: str
     fr_max: float
     paper: str  # what the paper's text reports for this case
 
     @property
     def name(self) -> str:
-        return f"{self.model} {self.layers.replace(',', '+')} {self.error} {self.fr_max:g}"
+        return f"{self.model} {self.layers} {self.error} {self.fr_max:g}"
 
     @property
     def slug(self) -> str:
-        return f"{self.model}_{self.layers.replace(',', '+')}_{self.error}_{self.fr_max:g}"
+        return f"{self.model}_{self.layers}_{self.error}_{self.fr_max:g}"
+
+    def scenario(self, base: Scenario, model_seed: int, profile_seed: int) -> Scenario:
+        """The case on ``base``'s accelerator (mapping, arithmetic, fault parameters...)."""
+        return base.replace(model=self.model, seed=model_seed,
+                            layers=tuple(self.layers.split("+")), fault=self.error,
+                            fr_max=self.fr_max, profile_seed=profile_seed)
 
 
 def paper_cases() -> list[Case]:
@@ -47,12 +58,12 @@ def paper_cases() -> list[Case]:
                               else "almost all lost accuracy recovered"))
     for err in ("tf32", "bf16"):
         for fr in (0.1, 0.2, 0.5):
-            for layers in ("h2", "op", "h2,op"):
+            for layers in ("h2", "op", "h2+op"):
                 cases.append(Case("mnist32-cnn", layers, err, fr,
-                                  "+~5 points" if layers == "h2,op" else "+2-4 points"))
+                                  "+~5 points" if layers == "h2+op" else "+2-4 points"))
     for err in ("flip-to-1", "bitflip"):
         for layers, text in (("c0", "+~5 points; almost full recovery"), ("c1", "+~5 points"),
-                             ("c0,c1", "+~10 points")):
+                             ("c0+c1", "+~10 points")):
             cases.append(Case("fashion-cnn", layers, err, 0.5, text))
     return cases
 
@@ -68,7 +79,7 @@ class Plan:
 
 FULL = Plan(
     paper_cases(), (1, 2, 3), (1, 2),
-    SearchSettings(population=20, generations=100, runs=3, repeats=3, search_images="5120:",
+    SearchSettings(population=20, generations=100, runs=3, search_images="5120:",
                    holdout_images=":5120", holdout_repeats=10),
     "all 42 §5.2 cases x model seeds 1,2,3 x profile seeds 1,2; paper GA (population 20, "
     "100 generations, 3 runs, 3 repeats), search images 5120:, held-out :5120, 10 repeats",
@@ -77,7 +88,7 @@ _QUICK_CASES = [c for c in paper_cases() if c.model == "mnist32-cnn" and (
     c.layers == "c0" or c.fr_max == 0.5)]
 QUICK = Plan(
     _QUICK_CASES, (1,), (1,),
-    SearchSettings(population=20, generations=30, runs=1, repeats=3, search_images="5120:6120",
+    SearchSettings(population=20, generations=30, runs=1, search_images="5120:6120",
                    holdout_images=":2000", holdout_repeats=10),
     "the 12 mnist32-cnn cases (c0 flip-to-1 and bitflip at 1e-3, 2e-3, 5e-3; h2, op, h2+op "
     "with tf32 and bf16 at 0.5), model seed 1, profile seed 1; GA population 20, "
@@ -98,6 +109,36 @@ def _pct(st: dict) -> str:
     return f"{100 * st['mean']:.1f} [{100 * st['ci95'][0]:.1f}, {100 * st['ci95'][1]:.1f}]"
 
 
+def plan_base() -> Scenario:
+    """The cases' default accelerator: the paper's (gpu-tiles, 20 SMs, fp32), 3 repeats."""
+    return Scenario(repeats=3)
+
+
+def check_reproduce_dir(out: str | Path, quick: bool, base: Scenario | None = None) -> bool:
+    """The output-folder policy for ``reproduce`` (reads only): True when ``out`` is resumed.
+
+    A folder of an older hasched (no ``config.json``, only reproduce's own files) counts
+    as ours.
+    """
+    plan = "quick" if quick else "full"
+
+    def compatible(cfg: dict, path: Path) -> None:
+        if cfg.get("hasched") != "reproduce":
+            raise HaschedError(f"{path} is not a hasched reproduce config (another command's "
+                               "folder?); use another --out")
+        if cfg.get("plan") != plan:
+            raise HaschedError(f"{out} holds the {cfg.get('plan')} reproduce plan, not the "
+                               f"{plan} one; use another --out")
+        want = (base or plan_base()).to_dict()
+        if cfg.get("base", plan_base().to_dict()) != want:
+            raise HaschedError(f"{out} holds the cases on another accelerator or fault "
+                               "setting (--mapping, --arithmetic, ...); use another --out")
+
+    return check_out_dir(out, what="reproduce", compatible=compatible,
+                         legacy=lambda names: set(names) <= {"cases", "REPORT.md",
+                                                             "recovery-cases.png"})
+
+
 def run_reproduce(
     out: str | Path,
     quick: bool = False,
@@ -107,59 +148,77 @@ def run_reproduce(
     data_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    train: bool = False,
+    base: Scenario | None = None,
     algorithm: str = "ga",
     options: dict | None = None,
 ) -> list[dict]:
     """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows.
 
-    ``algorithm`` and ``options`` replace the plan's searcher (the paper's GA); a
-    non-GA searcher writes its cases under ``out/cases-<algorithm>/`` so that plans with
-    different searchers can share one output folder.
+    The folder policy, the device and every checkpoint of the plan are checked before
+    ``out`` is created (``train`` trains missing checkpoints instead); ``out`` is locked
+    against a second writer while the plan runs. ``base`` sets what the cases do not
+    (mapping, arithmetic, fault parameters...): e.g. ``Scenario(n_sms=10)`` reruns the
+    cases on the authors' 10-SM configuration. ``algorithm`` and ``options`` replace the
+    plan's searcher (the paper's GA); another searcher writes its cases under
+    ``out/cases-<algorithm>/`` and ``REPORT-<algorithm>.md``, so plans with different
+    searchers share one output folder.
     """
+    base = base or plan_base()
     from hasched.report.search import plot_cases
+    from hasched.study.build import resolve_device
+    from hasched.zoo.train import require_checkpoint
 
     plan = QUICK if quick else FULL
     options = dict(options or {})
     plan = replace(plan, settings=replace(plan.settings, algorithm=algorithm, options=options))
-    cases_dir = "cases" if algorithm == "ga" and not options else f"cases-{algorithm}"
+    cases = "cases" if algorithm == "ga" and not options else f"cases-{algorithm}"
+    suffix = "" if cases == "cases" else f"-{algorithm}"
     log = log or (lambda _m: None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_reproduce_dir(out, quick, base)
+    resolve_device(device)
+    if not train:
+        for model in dict.fromkeys(c.model for c in plan.cases):
+            for ms in plan.model_seeds:
+                require_checkpoint(model, ms, models_dir)
     t0 = time.perf_counter()
-    rows = []
-    for k, case in enumerate(plan.cases):
-        runs = []
-        for ms in plan.model_seeds:
-            for ps in plan.profile_seeds:
-                log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
-                s = replace(plan.settings, model=case.model, seed=ms, layers=case.layers,
-                            error=case.error, fr_max=case.fr_max, profile_seed=ps,
-                            device=device)
-                runs.append(run_has_search(out / cases_dir / case.slug / f"ms{ms}_ps{ps}", s,
-                                           models_dir=models_dir, data_dir=data_dir, log=log,
-                                           progress=progress))
-        row = {"case": case, "runs": len(runs),
-               "search_seconds": sum(r["search"]["search_seconds"] for r in runs)}
-        for key in ("clean", "identity", "has", "random"):
-            row[key] = _agg([r["results"][key] for r in runs])
-        row["recovery"] = _agg([{"mean": r["recovery"], "ci95": [r["recovery"]] * 2}
-                                for r in runs])
-        row["has_minus_random"] = _agg([{"mean": r["has_minus_random"],
-                                         "ci95": [r["has_minus_random"]] * 2} for r in runs])
-        rows.append(row)
-    suffix = "" if cases_dir == "cases" else f"-{algorithm}"
-    plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
-                                                                 "random")}} for r in rows],
-               out / f"recovery-cases{suffix}.png")
-    wall = time.perf_counter() - t0
-    report = out / f"REPORT{suffix}.md"
-    _write_report(report, plan, rows, wall, quick, cases_dir, suffix)
-    log(f"wrote {report} ({wall:.0f} s)")
+    with claim_out_dir(out, {"hasched": "reproduce", "plan": "quick" if quick else "full",
+                             "base": base.to_dict()}, log=log):
+        rows = [_run_case(out / cases, plan, k, case, device, models_dir, data_dir, log,
+                          progress, train, base) for k, case in enumerate(plan.cases)]
+        plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
+                                                                     "random")}} for r in rows],
+                   out / f"recovery-cases{suffix}.png")
+        wall = time.perf_counter() - t0
+        _write_report(out / f"REPORT{suffix}.md", plan, rows, wall, quick, cases, suffix)
+    log(f"wrote {out / f'REPORT{suffix}.md'} ({wall:.0f} s)")
     return rows
 
 
+def _run_case(cases: Path, plan: Plan, k: int, case: Case, device: str, models_dir, data_dir,
+              log: Callable[[str], None], progress: bool, train: bool, base: Scenario) -> dict:
+    """Every seed combination of one case (each its own resumable search folder)."""
+    runs = []
+    for ms in plan.model_seeds:
+        for ps in plan.profile_seeds:
+            log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
+            s = replace(plan.settings, scenario=case.scenario(base, ms, ps), device=device)
+            runs.append(run_has_search(cases / case.slug / f"ms{ms}_ps{ps}", s,
+                                       models_dir=models_dir, data_dir=data_dir, log=log,
+                                       progress=progress, train=train))
+    row = {"case": case, "runs": len(runs),
+           "search_seconds": sum(r["search"]["search_seconds"] for r in runs)}
+    for key in ("clean", "identity", "has", "random"):
+        row[key] = _agg([r["results"][key] for r in runs])
+    row["recovery"] = _agg([{"mean": r["recovery"], "ci95": [r["recovery"]] * 2} for r in runs])
+    row["has_minus_random"] = _agg([{"mean": r["has_minus_random"],
+                                     "ci95": [r["has_minus_random"]] * 2} for r in runs])
+    return row
+
+
 def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: bool,
-                  cases_dir: str = "cases", suffix: str = "") -> None:
+                  cases: str = "cases", suffix: str = "") -> None:
     st = plan.settings
     alg = "HAS" if st.algorithm == "ga" else st.algorithm
     opts = ", ".join(f"{k}={v}" for k, v in st.options.items())
@@ -196,8 +255,8 @@ def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: 
         f"![recovery per case](recovery-cases{suffix}.png)",
         "",
         "Per-run folders (summary.json, schedule.json, history.csv, convergence.png, "
-        f"recovery.png, summary.md) are under `{cases_dir}/<case>/ms<model seed>_ps<profile "
+        f"recovery.png, summary.md) are under `{cases}/<case>/ms<model seed>_ps<profile "
         "seed>/`.",
         "",
     ]
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))

@@ -8,7 +8,7 @@
    of a schedule is its mean top-1 accuracy over ``repeats`` fresh error instances
    (:class:`ScheduleProblem`, one batched call per population);
 3. runs random search with, per run, exactly the number of fitness evaluations the main
-   searcher used;
+   searcher used (unless ``random_baseline`` is off);
 4. evaluates clean, identity (unshuffled, the reference), the searched best (key ``has``)
    and the random best on the held-out images with fresh error instances,
    ``holdout_repeats`` times each;
@@ -18,14 +18,17 @@
 
 Every run checkpoints each generation to ``out/ckpt/``; calling again with the same settings
 resumes from the last completed generation (bit-for-bit the uninterrupted result) and a
-finished folder is returned from its ``summary.json`` at once. Other settings for an existing
-folder are refused.
+finished folder is returned from its ``summary.json`` at once. The folder follows
+:func:`hasched.io.check_out_dir`: other settings, another command's folder or a user's
+non-empty folder are refused, everything is checked before the folder is created, every
+file is written atomically and a running search holds the folder's lock.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import sys
 import time
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, check_out_dir, claim_out_dir, read_json, require
 from hasched.search import (
     ModelAwareProblem,
     RandomSearchConfig,
@@ -45,20 +49,17 @@ from hasched.search import (
     create_searcher,
     list_searchers,
 )
+from hasched.seeds import derive_seed
 from hasched.sim.evaluator import FaultyEvaluator, summarize
+from hasched.study.scenario import Scenario
 
-__all__ = ["SearchSettings", "ScheduleProblem", "check_disjoint", "run_has_search"]
-
-_M63 = 2**63
+__all__ = ["SearchSettings", "ScheduleProblem", "check_demo_dir", "check_disjoint",
+           "check_search_dir", "demo_search_dir", "prepare_search", "run_has_search"]
 
 
 def mix_seed(*parts: int) -> int:
-    """A deterministic 63-bit seed from integers (an LCG-style hash; no Python ``hash``)."""
-    h = 0x243F6A8885A308D3
-    for p in parts:
-        h = (h * 6364136223846793005 + int(p) + 1442695040888963407) % _M63
-        h ^= h >> 29
-    return h
+    """A deterministic 63-bit seed from integers (see :func:`hasched.seeds.derive_seed`)."""
+    return derive_seed(*(int(p) for p in parts))
 
 
 @dataclass(frozen=True)
@@ -66,64 +67,72 @@ class SearchSettings:
     """Everything that determines a search's result (``device`` excepted).
 
     Attributes:
-        model, seed: registered model and model seed.
-        layers: faulty (and searched) layers, e.g. ``"c0"`` or ``"h2,op"`` (joint search).
-        error, fr_max, profile_seed, n_sms: the fault scenario.
-        profile: a ``.npy``/``.json`` profile file of the chip instead of
-            ``fr_max``/``profile_seed``.
-        plan_profile: the profile model-aware searchers plan with (slot exposure, probe
-            rate), e.g. one estimated by ``hasched diagnose``; fitness and held-out
-            accuracy always run on the chip's profile. ``None``: the chip's own.
+        scenario: What runs where and what goes wrong (model, the searched layer group,
+            mapping, arithmetic, faults); ``scenario.repeats`` error instances per fitness
+            evaluation (paper: 3); its ``images`` are replaced by the two ranges below.
         algorithm: any registered searcher (:func:`hasched.search.list_searchers`).
         population, generations: the budget, mapped onto the searcher's config by
             :func:`hasched.search.budget_options` (GA size; random search and CMA-ES get
             ``population * (generations + 1)`` evaluations; criticality ignores it).
-        options: more config fields of the searcher, e.g. ``{"noise": "mean"}``.
-        random_baseline: also run random search at each run's budget (off: saves up to
-            half the time when random search is run separately, e.g. by ``compare``).
         runs: independent runs; the best on the search images is kept (paper: 3).
-        repeats: error instances per fitness evaluation (paper: 3).
         search_images, holdout_images: disjoint test-image ranges (``A:B`` etc.).
         holdout_repeats: fresh error instances on the held-out images.
         search_seed: run ``i`` is seeded with ``search_seed + i``.
         holdout_seed: seed of the held-out error instances.
         device: ``cpu``, ``cuda`` or ``auto`` (not part of the resume check).
+        options: more config fields of the searcher, e.g. ``{"noise": "mean"}``.
+        random_baseline: also run random search at each run's budget (off: saves up to
+            half the time when random search runs separately, e.g. in ``compare``).
+        plan_profile: the transient profile model-aware searchers plan with (slot
+            exposure, probe rate), e.g. one estimated by ``hasched diagnose``; fitness and
+            held-out accuracy always run on the scenario's own faults. ``None``: the same.
     """
 
-    model: str = "mnist32-cnn"
-    seed: int = 1
-    layers: str = "c0"
-    error: str = "flip-to-1"
-    fr_max: float = 5e-3
-    profile_seed: int = 1
-    profile: str | None = None
-    plan_profile: str | None = None
+    scenario: Scenario = Scenario()
     algorithm: str = "ga"
     population: int = 20
     generations: int = 100
     runs: int = 3
-    repeats: int = 3
     search_images: str = "5120:"
     holdout_images: str = ":5120"
     holdout_repeats: int = 10
     search_seed: int = 0
     holdout_seed: int = 20240101
-    n_sms: int = 20
     device: str = "cpu"
     options: dict = field(default_factory=dict)
     random_baseline: bool = True
+    plan_profile: str | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in list_searchers():
             raise HaschedError(f"--algorithm must be one of {', '.join(list_searchers())}, "
                                f"got {self.algorithm!r}")
-        # Fail on a bad option before any loading or training.
-        create_searcher(self.algorithm, {**budget_options(
-            self.algorithm, self.population, self.generations), **self.options})
-        for name, low in (("population", 2), ("generations", 0), ("runs", 1), ("repeats", 1),
+        self.searcher()  # fail on a bad option before any loading or training
+        for name, low in (("population", 2), ("generations", 0), ("runs", 1),
                           ("holdout_repeats", 2)):
             if getattr(self, name) < low:
                 raise HaschedError(f"{name} must be >= {low}, got {getattr(self, name)}")
+
+    @classmethod
+    def make(cls, base: SearchSettings | None = None, **kw) -> SearchSettings:
+        """Settings from keyword arguments; scenario fields (``layers``, ``fault``,
+        ``fr_max``...) go into the scenario (``error`` is an alias of ``fault``)."""
+        base = base or cls()
+        if "error" in kw:
+            kw["fault"] = kw.pop("error")
+        scn_fields = {f.name for f in dataclasses.fields(Scenario)}
+        scn_kw = {k: kw.pop(k) for k in list(kw) if k in scn_fields}
+        if isinstance(scn_kw.get("layers"), str):
+            spec = scn_kw["layers"]
+            if "," in spec:
+                raise HaschedError(f"search takes one layer group; join layers with + to "
+                                   f"search them jointly (got --layers {spec})")
+            scn_kw["layers"] = tuple(spec.split("+"))
+        return dataclasses.replace(base, scenario=base.scenario.replace(**scn_kw), **kw)
+
+    @property
+    def repeats(self) -> int:
+        return self.scenario.repeats
 
     def key(self) -> dict:
         """The settings a resumed run must share with the original one.
@@ -133,17 +142,15 @@ class SearchSettings:
         """
         d = dataclasses.asdict(self)
         d.pop("device")
-        for name in ("profile", "plan_profile"):
-            if d[name] is None:
+        d["scenario"] = self.scenario.to_dict()
+        for name, default in (("options", {}), ("random_baseline", True),
+                              ("plan_profile", None)):
+            if d[name] == default:
                 d.pop(name)
-        if not d["options"]:
-            d.pop("options")
-        if d["random_baseline"]:
-            d.pop("random_baseline")
         return d
 
     def searcher(self):
-        """The configured searcher."""
+        """The configured searcher (the common budget plus ``options``)."""
         return create_searcher(self.algorithm, {**budget_options(
             self.algorithm, self.population, self.generations), **self.options})
 
@@ -195,10 +202,10 @@ class ScheduleProblem(ModelAwareProblem):
                 for n, lay in self.plan.state.layers.items()}
 
     def slot_exposure(self) -> dict[str, torch.Tensor]:
-        return self.plan.slot_exposure()
+        return {k: v.detach().double().cpu() for k, v in self.plan.slot_exposure().items()}
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {n: lay.weight.detach().reshape(lay.tiling.rows, -1).cpu()
+        return {n: lay.weight.detach().reshape(lay.rows, -1).cpu()
                 for n, lay in self.ev.state.layers.items()}
 
 
@@ -230,7 +237,7 @@ def _run_one(searcher, ev, s: SearchSettings, run_seed: int, stream: int, ckpt: 
     with tqdm(initial=done_steps, desc=label, file=sys.stderr, unit="step",
               disable=not progress, leave=False) as bar:
         def cb(h: dict) -> None:
-            if h["best_fitness"] is not None:
+            if h["best_fitness"] is not None:  # None after a probe step
                 bar.set_postfix(best=f"{h['best_fitness']:.4f}", evals=h["evaluations"])
             bar.update(1)
 
@@ -248,112 +255,67 @@ def _history_rows(algorithm: str, results: list[SearchResult], seeds: list[int])
             for i, (r, sd) in enumerate(zip(results, seeds, strict=True)) for h in r.history]
 
 
-def _open_folder(out: Path, s: SearchSettings, log: Callable[[str], None]) -> dict | None:
-    """Create ``out`` or check it holds this search; a finished one's summary, else None."""
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_path, sum_path = out / "config.json", out / "summary.json"
-    key = json.loads(json.dumps(s.key()))
-    if not cfg_path.exists():
-        cfg_path.write_text(json.dumps(key, indent=1))
-        return None
-    saved = json.loads(cfg_path.read_text())
-    if saved != key:
-        diff = sorted(k for k in set(saved) | set(key) if saved.get(k) != key.get(k))
-        raise HaschedError(f"{out} holds a search with other settings ({', '.join(diff)}); "
-                           "use another --out or delete it")
-    if sum_path.exists():
-        log(f"{out}: finished earlier; reading {sum_path}")
-        return json.loads(sum_path.read_text())
-    return None
+def check_search_dir(out: str | Path, s: SearchSettings) -> bool:
+    """The output-folder policy for a search (reads only): True when ``out`` is resumed.
+
+    Raises:
+        HaschedError: ``out`` is a file, foreign, or holds a search with other settings.
+    """
+    want = json.loads(json.dumps(s.key()))
+
+    def compatible(saved: dict, path: Path) -> None:
+        if not {"scenario", "algorithm", "search_images"} <= set(saved):
+            raise HaschedError(f"{path} is not a hasched search's config (another command's "
+                               "folder?); use another --out")
+        if saved != want:
+            diff = sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+            raise HaschedError(f"{out} holds a search with other settings ({', '.join(diff)});"
+                               " use another --out or delete it")
+
+    return check_out_dir(out, what="search", compatible=compatible)
 
 
-def _evaluators(s: SearchSettings, models_dir, data_dir, log, progress) -> dict:
-    """Search, held-out and (optionally) planning evaluators, sharing one model load."""
-    from hasched.sim.hardware import AcceleratorConfig
-    from hasched.study.build import FaultScenario, build_evaluator, load_images, resolve_device
+def demo_search_dir(out: str | Path, s: SearchSettings) -> Path:
+    """Where the demo's search goes: ``search/`` for the GA (as before), else
+    ``search-<algorithm>/``, so a demo folder of an older hasched stays resumable."""
+    return Path(out) / ("search" if s.algorithm == "ga" else f"search-{s.algorithm}")
 
-    accel = AcceleratorConfig(n_sms=s.n_sms)
-    scn = FaultScenario(error=s.error, fr_max=s.fr_max, profile_seed=s.profile_seed,
-                        profile_path=s.profile, accel=accel)
-    scn.error_model()
-    scn.profile()
+
+def check_demo_dir(out: str | Path, s: SearchSettings) -> bool:
+    """The output-folder policy of ``hasched demo`` (its folder and its search folder).
+
+    A demo folder of an older hasched (only ``models/`` and ``search/``) counts as ours.
+    """
+    def compatible(cfg: dict, path: Path) -> None:
+        if cfg.get("hasched") != "demo":
+            raise HaschedError(f"{path} is not a hasched demo config (another command's "
+                               "folder?); use another --out")
+
+    resumed = check_out_dir(out, what="demo", compatible=compatible,
+                            legacy=lambda names: set(names) <= {"models", "search"})
+    check_search_dir(demo_search_dir(out, s), s)
+    return resumed
+
+
+def _read_summary(path: Path) -> dict:
+    summary = read_json(path, what="search summary")
+    require(summary, "results", dict, file=path)
+    return summary
+
+
+def prepare_search(s: SearchSettings, models_dir, data_dir, train: bool = False):
+    """Every check that needs no output folder: scenario, layers, device, images, model."""
+    from hasched.study.build import check_layers, load_images, require_model, resolve_device
+
+    scn = s.scenario.validate()
+    check_layers(scn, [scn.layers])
     dev = resolve_device(s.device)
-    data_s = load_images(s.model, s.search_images, data_dir, dev)
-    data_h = load_images(s.model, s.holdout_images, data_dir, dev)
+    data_s = load_images(scn, s.search_images, data_dir, dev)
+    data_h = load_images(scn, s.holdout_images, data_dir, dev)
     check_disjoint(data_s[2], data_h[2])
-
-    def build(scenario, data):
-        return build_evaluator(s.model, s.seed, s.layers, scenario, device=dev,
-                               models_dir=models_dir, data_dir=data_dir, log=log,
-                               progress=progress, data=data)
-
-    ev, ev_h = build(scn, data_s), build(scn, data_h)
-    plan = None
-    if s.plan_profile is not None:  # one image is enough: only its slot rates are read
-        plan = build(dataclasses.replace(scn, profile_path=s.plan_profile),
-                     (data_s[0][:1], data_s[1][:1], data_s[2]))
-    return {"ev": ev, "ev_h": ev_h, "plan": plan, "accel": accel, "device": dev,
-            "search_images": data_s[2], "holdout_images": data_h[2]}
-
-
-def _search(s: SearchSettings, evs: dict, out: Path, progress: bool) -> dict:
-    """``runs`` runs of the searcher, then random search at each run's budget."""
-    seeds = [s.search_seed + i for i in range(s.runs)]
-    ckdir = out / "ckpt"
-    main = []
-    if s.algorithm != "random":
-        searcher = s.searcher()
-        main = [_run_one(searcher, evs["ev"], s, sd, 1, ckdir / f"run{i}.pt",
-                         f"{s.algorithm} run {i + 1}/{s.runs}", progress, evs["plan"])
-                for i, sd in enumerate(seeds)]
-    # Random search: per run, the main searcher's actual number of evaluations (or the
-    # whole budget when random search is the main searcher).
-    rand = []
-    for i, sd in enumerate(seeds if s.random_baseline or not main else []):
-        budget = main[i].evaluations if main else s.population * (s.generations + 1)
-        rs = create_searcher("random", RandomSearchConfig(evaluations=budget, batch=s.population))
-        rand.append(_run_one(rs, evs["ev"], s, sd, 2, ckdir / f"random{i}.pt",
-                             f"random run {i + 1}/{s.runs}", progress))
-    main = main or rand
-    rows = _history_rows(s.algorithm, main, seeds)
-    if main is not rand and rand:
-        rows += _history_rows("random", rand, seeds)
-    return {"main": main, "random": rand, "seeds": seeds, "rows": rows,
-            "best": best_of(main), "rbest": best_of(rand) if rand else None}
-
-
-def _holdout(s: SearchSettings, ev_h: FaultyEvaluator, best: SearchResult,
-             rbest: SearchResult | None) -> dict:
-    """Identity, searched best and random best in one batched call, fresh errors."""
-    found = [best] + ([rbest] if rbest is not None else [])
-    perms = {k: torch.stack([torch.arange(n)] + [r.best[k] for r in found])
-             for k, n in ev_h.rows.items()}
-    g = torch.Generator(device=ev_h.device).manual_seed(s.holdout_seed)
-    acc = ev_h.accuracy(perms, repeats=s.holdout_repeats, generator=g).tolist()  # (2|3, R)
-    n_h, clean = ev_h.n_images, ev_h.clean_accuracy
-    return {
-        "clean": {"mean": clean, "std": 0.0, "ci95": [clean, clean], "repeats": 1,
-                  "images": n_h, "values": [clean]},
-        "identity": _stats(acc[0], n_h), "has": _stats(acc[1], n_h),
-        "random": _stats(acc[2], n_h) if rbest is not None else None,
-    }
-
-
-def _search_summary(s: SearchSettings, found: dict) -> dict:
-    main, rand, best = found["main"], found["random"], found["best"]
-    seconds = sum(r.seconds for r in main)
-    return {
-        "algorithm": s.algorithm,
-        "best_fitness": best.best_fitness,
-        "random_best_fitness": found["rbest"].best_fitness if found["rbest"] else None,
-        "run_best_fitness": [r.best_fitness for r in main],
-        "evaluations": [r.evaluations for r in main],
-        "error_instances": [r.evaluations * s.repeats for r in main],
-        "random_evaluations": [r.evaluations for r in rand],
-        "run_seconds": [r.seconds for r in main],
-        "search_seconds": seconds + (sum(r.seconds for r in rand) if main is not rand else 0.0),
-        "info": best.info,
-    }
+    if not train:
+        require_model(scn, models_dir)
+    return scn, dev, data_s, data_h
 
 
 def run_has_search(
@@ -364,9 +326,13 @@ def run_has_search(
     data_dir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     progress: bool = True,
+    train: bool = False,
     **overrides,
 ) -> dict:
     """Search a fault-aware schedule and evaluate it honestly; returns ``summary.json``'s dict.
+
+    Everything is checked before ``out`` is created; while the search runs, ``out`` is
+    locked against a second writer.
 
     Args:
         out: output folder (created; resumed when it holds a run with the same settings).
@@ -375,34 +341,122 @@ def run_has_search(
         models_dir, data_dir: checkpoint store and dataset folder.
         log: receives one-line status messages.
         progress: show tqdm bars on stderr.
+        train: train a missing checkpoint (else it is an error).
 
     Raises:
-        HaschedError: bad settings, overlapping image ranges, or ``out`` holding another run.
+        HaschedError: bad settings, overlapping image ranges, a missing checkpoint, ``out``
+            foreign or holding another run, or a failed write.
     """
-    from hasched.study.build import save_schedule
+    from hasched.study.build import build_evaluator
 
-    s = dataclasses.replace(settings or SearchSettings(), **overrides)
+    s = SearchSettings.make(settings, **overrides)
     log = log or (lambda _m: None)
     out = Path(out)
-    done = _open_folder(out, s, log)
-    if done is not None:
-        return done
+    sum_path = out / "summary.json"
+    if check_search_dir(out, s) and sum_path.exists():
+        log(f"{out}: finished earlier; reading {sum_path}")
+        return _read_summary(sum_path)
+    scn, dev, data_s, data_h = prepare_search(s, models_dir, data_dir, train)
     t0 = time.perf_counter()
-    evs = _evaluators(s, models_dir, data_dir, log, progress)
-    ev = evs["ev"]
-    found = _search(s, evs, out, progress)
-    best, rbest = found["best"], found["rbest"]
-    log(f"search done: best fitness {best.best_fitness:.4f} ({s.algorithm}), "
-        f"{sum(r.evaluations for r in found['main'])} evaluations")
-    results = _holdout(s, evs["ev_h"], best, rbest)
-    clean = results["clean"]["mean"]
-    lost = clean - results["identity"]["mean"]
-    gained = results["has"]["mean"] - results["identity"]["mean"]
+    with claim_out_dir(out, s.key(), log=log):
+        if sum_path.exists():  # finished by another run between our check and our lock
+            return _read_summary(sum_path)
+        kw = dict(device=dev, models_dir=models_dir, data_dir=data_dir, log=log,
+                  progress=progress, train=train)
+        ev = build_evaluator(scn.replace(images=s.search_images), data=data_s, **kw)
+        ev_h = build_evaluator(scn.replace(images=s.holdout_images), data=data_h, **kw)
+        plan = None
+        if s.plan_profile is not None:  # one image is enough: only its slot rates are read
+            plan = build_evaluator(scn.replace(images=s.search_images, profile=s.plan_profile),
+                                   data=(data_s[0][:1], data_s[1][:1], data_s[2]), **kw)
+        main, rand, seeds = _search(out, s, ev, progress, log, plan)
+        results = _holdout(s, ev, ev_h, best_of(main), best_of(rand) if rand else None)
+        summary = _write_outputs(out, s, ev, data_s, data_h, dev, main, rand, seeds, results, t0)
+    r = summary["results"]
+    rnd = f" | random {r['random']['mean']:.4f}" if r["random"] else ""
+    log(f"held-out ({ev_h.n_images} images, {s.holdout_repeats} repeats): clean "
+        f"{r['clean']['mean']:.4f} | identity {r['identity']['mean']:.4f} | {s.algorithm} "
+        f"{r['has']['mean']:.4f}{rnd} -> {out}")
+    return summary
 
-    meta = {"model": s.model, "seed": s.seed, "layers": ev.layers, "error": s.error,
-            "fr_max": s.fr_max, "profile_seed": s.profile_seed, "profile": s.profile,
-            "accelerator": dataclasses.asdict(evs["accel"]), "algorithm": s.algorithm,
-            "search_seed": s.search_seed, "search_images": evs["search_images"],
+
+def _search(out: Path, s: SearchSettings, ev: FaultyEvaluator, progress: bool,
+            log: Callable[[str], None], plan: FaultyEvaluator | None = None
+            ) -> tuple[list[SearchResult], list[SearchResult], list]:
+    """The main searcher's runs and random search at the same budget, run by run."""
+    seeds = [s.search_seed + i for i in range(s.runs)]
+    ckdir = out / "ckpt"
+    main = []
+    if s.algorithm != "random":
+        searcher = s.searcher()
+        main = [_run_one(searcher, ev, s, sd, 1, ckdir / f"run{i}.pt",
+                         f"{s.algorithm} run {i + 1}/{s.runs}", progress, plan)
+                for i, sd in enumerate(seeds)]
+    # Random search: per run, the main searcher's actual number of evaluations (or the
+    # whole budget when random search is the main searcher).
+    rand = []
+    for i, sd in enumerate(seeds if s.random_baseline or not main else []):
+        budget = main[i].evaluations if main else s.population * (s.generations + 1)
+        rs = create_searcher("random", RandomSearchConfig(evaluations=budget, batch=s.population))
+        rand.append(_run_one(rs, ev, s, sd, 2, ckdir / f"random{i}.pt",
+                             f"random run {i + 1}/{s.runs}", progress))
+    main = main or rand
+    log(f"search done: best fitness {best_of(main).best_fitness:.4f} ({s.algorithm}), "
+        f"{sum(r.evaluations for r in main)} evaluations")
+    return main, rand, seeds
+
+
+def _holdout(s: SearchSettings, ev: FaultyEvaluator, ev_h: FaultyEvaluator,
+             best: SearchResult, rbest: SearchResult | None) -> dict:
+    """Identity, searched best and random best on the held-out images, in one batched call."""
+    found = [best] + ([rbest] if rbest is not None else [])
+    perms = {k: torch.stack([torch.arange(n)] + [r.best[k] for r in found])
+             for k, n in ev.rows.items()}
+    g = torch.Generator(device=ev_h.device).manual_seed(s.holdout_seed)
+    acc = ev_h.accuracy(perms, repeats=s.holdout_repeats, generator=g).tolist()  # (2|3, R)
+    n_h = ev_h.n_images
+    clean = ev_h.clean_accuracy
+    return {
+        "clean": {"mean": clean, "std": 0.0, "ci95": [clean, clean], "repeats": 1,
+                  "images": n_h, "values": [clean]},
+        "identity": _stats(acc[0], n_h), "has": _stats(acc[1], n_h),
+        "random": _stats(acc[2], n_h) if rbest is not None else None,
+    }
+
+
+def _search_summary(s: SearchSettings, main: list[SearchResult],
+                    rand: list[SearchResult]) -> dict:
+    best = best_of(main)
+    return {
+        "algorithm": s.algorithm,
+        "best_fitness": best.best_fitness,
+        "random_best_fitness": best_of(rand).best_fitness if rand else None,
+        "run_best_fitness": [r.best_fitness for r in main],
+        "evaluations": [r.evaluations for r in main],
+        "error_instances": [r.evaluations * s.repeats for r in main],
+        "random_evaluations": [r.evaluations for r in rand],
+        "run_seconds": [r.seconds for r in main],
+        "search_seconds": sum(r.seconds for r in main) + (
+            sum(r.seconds for r in rand) if main is not rand else 0.0),
+        "info": best.info,
+    }
+
+
+def _write_outputs(out: Path, s: SearchSettings, ev: FaultyEvaluator, data_s, data_h, dev,
+                   main: list[SearchResult], rand: list[SearchResult], seeds: list[int],
+                   results: dict, t0: float) -> dict:
+    """Schedules, history, figures, summary.md and, last, summary.json (each atomic)."""
+    from hasched.report.search import plot_convergence, plot_recovery, write_markdown
+    from hasched.study.build import save_schedule
+
+    scn = s.scenario
+    best, rbest = best_of(main), (best_of(rand) if rand else None)
+    lost = results["clean"]["mean"] - results["identity"]["mean"]
+    gained = results["has"]["mean"] - results["identity"]["mean"]
+    meta = {"model": scn.model, "seed": scn.seed, "layers": ev.layers, "error": scn.fault,
+            "fr_max": scn.fr_max, "profile_seed": scn.profile_seed, "scenario": scn.to_dict(),
+            "mapping": ev.mapping.describe(), "algorithm": s.algorithm,
+            "search_seed": s.search_seed, "search_images": data_s[2],
             "checkpoint": {k: ev.info["checkpoint"].get(k) for k in ("test_accuracy", "epochs")}}
     save_schedule(out / "schedule.json", best.best, **meta, fitness=best.best_fitness,
                   holdout_accuracy=results["has"]["mean"])
@@ -410,42 +464,30 @@ def run_has_search(
         save_schedule(out / "schedule-random.json", rbest.best,
                       **{**meta, "algorithm": "random"}, fitness=rbest.best_fitness,
                       holdout_accuracy=results["random"]["mean"])
-    with open(out / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["algorithm", "run", "seed", "generation", "evaluations",
-                               "best_fitness", "mean_fitness"])
-        w.writeheader()
-        w.writerows(found["rows"])
-
+    rows = _history_rows(s.algorithm, main, seeds)
+    if main is not rand and rand:
+        rows += _history_rows("random", rand, seeds)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, ["algorithm", "run", "seed", "generation", "evaluations",
+                              "best_fitness", "mean_fitness"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(out / "history.csv", text.getvalue())
     summary = {
-        "settings": {**s.key(), "device": str(evs["device"])},
+        "settings": {**s.key(), "device": str(dev)},
         "layers": ev.layers, "rows": ev.rows,
-        "search_images": evs["search_images"], "holdout_images": evs["holdout_images"],
+        "search_images": data_s[2], "holdout_images": data_h[2],
         "results": results,
         "degradation": lost, "recovery": gained,
         "recovered_fraction": gained / lost if lost > 0 else None,
         "has_minus_random": (results["has"]["mean"] - results["random"]["mean"]
                              if rbest is not None else None),
-        "search": _search_summary(s, found),
+        "search": _search_summary(s, main, rand),
         "wall_seconds": time.perf_counter() - t0,
     }
-    _write_reports(out, s, summary, found["rows"])
-    log(f"held-out ({results['has']['images']} images, {s.holdout_repeats} repeats): clean "
-        f"{clean:.4f} | identity {results['identity']['mean']:.4f} | {s.algorithm} "
-        f"{results['has']['mean']:.4f}" + (f" | random {results['random']['mean']:.4f}"
-                                           if rbest is not None else "") + f" -> {out}")
-    return summary
-
-
-def _write_reports(out: Path, s: SearchSettings, summary: dict, rows: list[dict]) -> None:
-    """Figures, markdown and, last, ``summary.json`` (its presence marks a finished run)."""
-    from hasched.report.search import plot_convergence, plot_recovery, write_markdown
-
     plot_convergence(rows, out / "convergence.png",
-                     title=f"{s.model} {'+'.join(summary['layers'])} {s.error} "
-                           f"FR_max {s.fr_max:g}")
+                     title=f"{scn.model} {scn.layer_spec} {scn.fault} FR_max {scn.fr_max:g}")
     plot_recovery(summary, out / "recovery.png")
     write_markdown(summary, out / "summary.md")
-    sum_path = out / "summary.json"
-    tmp = sum_path.with_name("summary.json.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(sum_path)
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
+    return summary

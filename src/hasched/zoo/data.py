@@ -4,6 +4,11 @@ Three dataset names are known: ``mnist`` and ``fashion-mnist`` (28x28, the folde
 standard IDX distributions) and ``mnist32``, MNIST resized to 32x32 the way the paper's
 TensorFlow pipeline does it (``tf.image.resize`` default: bilinear, half-pixel centres, no
 antialiasing).
+
+A model that expects another input shape (e.g. resnet18 with 3 channels at 32x32 on
+Fashion-MNIST) is fed through an :class:`InputAdapter`: the same bilinear resize, then the
+grey channel repeated. No normalisation is applied: every model here is trained from scratch
+on ``[0, 1]`` images.
 """
 
 from __future__ import annotations
@@ -11,9 +16,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import io
 import os
 import struct
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
@@ -24,12 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, make_dirs
 
 __all__ = [
     "Dataset",
+    "InputAdapter",
+    "dataset_classes",
+    "dataset_shape",
     "find_dataset_dir",
     "list_datasets",
     "load_dataset",
+    "parse_image_range",
     "read_idx",
     "resize_bilinear",
 ]
@@ -102,6 +112,108 @@ class Dataset:
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`, sorted."""
     return sorted(_DATASETS)
+
+
+def dataset_shape(name: str) -> tuple[int, int, int]:
+    """``(C, H, W)`` of one image of dataset ``name`` (all known datasets are grey).
+
+    Raises:
+        HaschedError: If ``name`` is unknown.
+    """
+    _dataset_folder(name)
+    side = _DATASETS[name][1] or 28
+    return (1, side, side)
+
+
+def dataset_classes(name: str) -> int:
+    """Number of classes of dataset ``name`` (labels are ``0 .. n-1``).
+
+    Raises:
+        HaschedError: If ``name`` is unknown.
+    """
+    _dataset_folder(name)
+    return 10
+
+
+@dataclass(frozen=True)
+class InputAdapter:
+    """Turns a dataset's images into the input a model expects.
+
+    Resizing is :func:`resize_bilinear` (TF's default, as for ``mnist32``) clamped to
+    ``[0, 1]``; a grey image becomes C channels by repetition. The identity adapter returns
+    its input unchanged (same tensor object), so models fed their own dataset see exactly
+    the data they always saw.
+
+    Attributes:
+        source: ``(C, H, W)`` of the dataset's images.
+        target: ``(C, H, W)`` the model expects.
+    """
+
+    source: tuple[int, int, int]
+    target: tuple[int, int, int]
+
+    def __post_init__(self) -> None:
+        (c_in, _, _), (c_out, h, w) = self.source, self.target
+        if c_in != c_out and c_in != 1:
+            raise HaschedError(
+                f"cannot adapt {c_in}-channel images to a {c_out}-channel model input"
+            )
+        if min(c_out, h, w) < 1:
+            raise HaschedError(f"bad model input shape {self.target}")
+
+    @property
+    def is_identity(self) -> bool:
+        return tuple(self.source) == tuple(self.target)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, C_src, H_src, W_src)`` -> ``(N, C, H, W)`` (same object when identity)."""
+        c, h, w = self.target
+        out = images
+        if tuple(images.shape[2:]) != (h, w):
+            out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False,
+                                antialias=False).clamp_(0.0, 1.0)
+        if out.shape[1] != c:
+            out = out.repeat(1, c, 1, 1)  # (N, 1, H, W) -> (N, C, H, W)
+        return out
+
+    def describe(self) -> dict:
+        """JSON-able record of what the adapter does (for results' ``info``)."""
+        steps = []
+        if tuple(self.source[1:]) != tuple(self.target[1:]):
+            steps.append(f"resize {self.source[1]}x{self.source[2]} -> "
+                         f"{self.target[1]}x{self.target[2]} (bilinear, half-pixel)")
+        if self.source[0] != self.target[0]:
+            steps.append(f"repeat channels {self.source[0]} -> {self.target[0]}")
+        return {"from": list(self.source), "to": list(self.target), "steps": steps}
+
+
+def parse_image_range(spec: str | int | slice | None, n_total: int) -> slice:
+    """Which images to use: ``None`` (all), ``N`` (the first N), ``"a:b"`` or a slice.
+
+    Raises:
+        HaschedError: For a malformed, empty or out-of-range selection.
+    """
+    if spec is None or spec == "":
+        return slice(0, n_total)
+    if isinstance(spec, slice):
+        if spec.step not in (None, 1):
+            raise HaschedError(f"image range {spec!r} must be contiguous")
+        start = 0 if spec.start is None else spec.start
+        stop = n_total if spec.stop is None else spec.stop
+    else:
+        text = str(spec).strip()
+        try:
+            if ":" in text:
+                lo, _, hi = text.partition(":")
+                start = int(lo) if lo.strip() else 0
+                stop = int(hi) if hi.strip() else n_total
+            else:
+                start, stop = 0, int(text)
+        except ValueError:
+            raise HaschedError(f"bad image range {spec!r}; use N, A:B, A: or :B") from None
+    if not (0 <= start < stop <= n_total):
+        raise HaschedError(f"image range {spec!r} is outside 0..{n_total} or empty")
+    return slice(start, stop)
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -236,7 +348,7 @@ def _download(folder_name: str, target: Path) -> None:
     Each file is written to a temporary file in ``target`` and renamed into place only once its
     checksum matches, so an interrupted download never leaves a half file under the real name.
     """
-    target.mkdir(parents=True, exist_ok=True)
+    make_dirs(target)
     for filename in _ALL_FILES:
         dest = target / filename
         if dest.is_file() and _md5_file(dest) == _MD5[folder_name][filename]:
@@ -253,19 +365,18 @@ def _download(folder_name: str, target: Path) -> None:
 
 
 def _fetch(url: str, dest: Path, md5: str, timeout: float = 60.0) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != md5:
-            raise ValueError(f"checksum mismatch (md5 {digest.hexdigest()}, expected {md5})")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # The files are at most ~30 MB: held in memory until the checksum matches, then written
+    # atomically (a network error is an OSError, tried on the next mirror; a failed write
+    # is a HaschedError naming the file, which ends the download).
+    digest = hashlib.md5(usedforsecurity=False)
+    buf = io.BytesIO()
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        while chunk := resp.read(1 << 20):
+            digest.update(chunk)
+            buf.write(chunk)
+    if digest.hexdigest() != md5:
+        raise ValueError(f"checksum mismatch (md5 {digest.hexdigest()}, expected {md5})")
+    atomic_write(dest, buf.getvalue())
 
 
 def _md5_file(path: Path) -> str:

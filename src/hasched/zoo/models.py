@@ -1,23 +1,36 @@
-"""The paper's DNN models (§4.1) and a small timm-style registry.
+"""The model zoo: a timm-style registry of builders taking ``**kwargs``.
 
-Both models are :class:`torch.nn.Sequential` containers built from an ``OrderedDict`` so that
-the paper's layer names (``c0``, ``h0``, ``op``...) are the module names. The fault simulator
-relies on this: it swaps faulty modules in by name and caches the clean prefix of a network by
-slicing the Sequential, so the order and names here are part of the public contract.
+Registered here: the paper's two models (§4.1), a small MLP, and torchvision-compatible
+``resnet18`` and ``mobilenet_v3_small`` (:mod:`hasched.zoo.torchvision_models`).
+
+The paper models and the MLP are :class:`torch.nn.Sequential` containers built from an
+``OrderedDict`` so that the paper's layer names (``c0``, ``h0``, ``op``...) are the module
+names. The fault simulator relies on this: it swaps faulty modules in by name and caches the
+clean prefix of a network by slicing the Sequential, so the order and names here are part of
+the public contract.
+
+Builder keyword conventions (see :class:`hasched.zoo.ref.ModelRef`, which fills them from the
+dataset when a builder takes them and the user did not set them): ``num_classes`` (outputs),
+``in_channels`` (input channels) and ``image_size`` (input side length).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
+from hasched.errors import HaschedError
 from hasched.registry import Registry
+from hasched.zoo import torchvision_models
 
 __all__ = [
+    "GENERIC_RECIPE",
+    "MODELS",
     "ModelSpec",
     "TrainRecipe",
     "create_model",
@@ -41,8 +54,9 @@ class TrainRecipe:
         epochs: Epochs over a training set of ``reference_train_size`` images.
         reference_train_size: Training-set size the recipe was written for; a smaller set gets
             proportionally more epochs so the number of optimiser steps stays the same.
-        init: ``"he_uniform"`` (Kaiming-uniform for ReLU, zero biases) or ``"default"``
-            (Keras defaults: Glorot-uniform weights, zero biases).
+        init: ``"he_uniform"`` (Kaiming-uniform for ReLU, zero biases), ``"default"`` (Keras
+            defaults: Glorot-uniform weights, zero biases) or ``"builder"`` (the builder's own
+            initialisation, e.g. torchvision's, drawn from a seeded fork of the global RNG).
     """
 
     optimizer: Literal["sgd", "adam"]
@@ -51,7 +65,14 @@ class TrainRecipe:
     batch_size: int = 128
     epochs: int = 25
     reference_train_size: int = 60000
-    init: Literal["he_uniform", "default"] = "default"
+    init: Literal["he_uniform", "default", "builder"] = "default"
+
+
+# Any model the registry does not describe (torchvision names, ``module:`` builders) is
+# trained with this: Adam is forgiving across architectures, and the builder's own init is
+# the one its author chose.
+GENERIC_RECIPE = TrainRecipe(optimizer="adam", lr=1e-3, batch_size=128, epochs=5,
+                             init="builder")
 
 
 @dataclass(frozen=True)
@@ -60,38 +81,60 @@ class ModelSpec:
 
     Attributes:
         name: Registry name, e.g. ``"mnist32-cnn"``.
-        builder: Zero-argument callable returning a freshly built (untrained) module.
-        dataset: Name of the dataset it is trained on (see :mod:`hasched.zoo.data`).
-        input_shape: Shape of one input image, ``(C, H, W)``.
+        builder: Callable taking keyword arguments and returning a freshly built (untrained)
+            module.
+        dataset: Name of the dataset it is trained on (see :mod:`hasched.zoo.data`), or None
+            for architectures with no dataset of their own (a reference must name one).
+        input_shape: Shape of one input image, ``(C, H, W)``, with the builder's defaults;
+            see :meth:`input_shape_for`.
         recipe: Training recipe.
     """
 
     name: str
-    builder: Callable[[], nn.Module]
-    dataset: str
+    builder: Callable[..., nn.Module]
+    dataset: str | None
     input_shape: tuple[int, int, int]
     recipe: TrainRecipe
+
+    def parameters(self) -> tuple[str, ...]:
+        """Names of the keyword arguments the builder accepts."""
+        return tuple(inspect.signature(self.builder).parameters)
+
+    def input_shape_for(self, kwargs: Mapping[str, Any]) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one input for a model built with ``kwargs``.
+
+        ``in_channels`` replaces C and ``image_size`` replaces H and W when given.
+        """
+        c, h, w = self.input_shape
+        c = int(kwargs.get("in_channels", c))
+        if "image_size" in kwargs:
+            h = w = int(kwargs["image_size"])
+        return (c, h, w)
 
 
 MODELS: Registry[ModelSpec] = Registry("model")
 
 
 def register_model(
-    name: str, *, dataset: str, input_shape: tuple[int, int, int], recipe: TrainRecipe
-) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    name: str,
+    *,
+    dataset: str | None,
+    input_shape: tuple[int, int, int],
+    recipe: TrainRecipe,
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model builder under ``name``.
 
     Args:
         name: Registry name; must be new.
-        dataset: Dataset name the model is trained on.
-        input_shape: ``(C, H, W)`` of one input.
+        dataset: Dataset name the model is trained on, or None (must be given per use).
+        input_shape: ``(C, H, W)`` of one input with the builder's default arguments.
         recipe: Training recipe.
 
     Returns:
         The decorator, which returns the builder unchanged.
     """
 
-    def decorator(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
         spec = ModelSpec(name, builder, dataset, tuple(input_shape), recipe)
@@ -115,16 +158,29 @@ def get_model_spec(name: str) -> ModelSpec:
     return MODELS.get(name)
 
 
-def create_model(name: str) -> nn.Module:
+def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a fresh, untrained instance of a registered model.
 
-    The weights come from PyTorch's default initialisation, i.e. from the global RNG; callers
-    wanting reproducible weights call :func:`init_weights` with an explicit generator.
+    The weights come from the builder's initialisation, i.e. from the global RNG; callers
+    wanting reproducible weights call :func:`init_weights` with an explicit generator, or
+    build through :func:`hasched.zoo.ref.build_model`, which seeds a fork of the global RNG.
+
+    Args:
+        name: Registered model name.
+        **kwargs: Builder arguments, e.g. ``num_classes=10, in_channels=1``.
 
     Raises:
-        HaschedError: If ``name`` is not registered.
+        HaschedError: If ``name`` is not registered or the builder does not take ``kwargs``.
     """
-    return get_model_spec(name).builder()
+    spec = get_model_spec(name)
+    try:
+        inspect.signature(spec.builder).bind(**kwargs)
+    except TypeError as err:
+        known = ", ".join(spec.parameters()) or "none"
+        raise HaschedError(
+            f"model {name!r}: bad parameters ({err}); it takes: {known}"
+        ) from None
+    return spec.builder(**kwargs)
 
 
 def weight_layers(model: nn.Module) -> list[str]:
@@ -142,11 +198,14 @@ def init_weights(model: nn.Module, init: str, generator) -> None:
         model: The module to initialise.
         init: ``"he_uniform"`` (Keras ``he_uniform``: U(±sqrt(6/fan_in))) or ``"default"``
             (Keras ``glorot_uniform``: U(±sqrt(6/(fan_in+fan_out)))); biases are zeroed in both.
+            ``"builder"`` leaves the model as built.
         generator: A :class:`torch.Generator` so the result depends only on its seed.
 
     Raises:
         ValueError: For an unknown ``init``.
     """
+    if init == "builder":
+        return
     for _, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear):
             continue
@@ -216,3 +275,36 @@ def fashion_cnn() -> nn.Sequential:
             ]
         )
     )
+
+
+@register_model(
+    "mlp",
+    dataset="mnist",
+    input_shape=(1, 28, 28),
+    recipe=TrainRecipe(optimizer="adam", lr=1e-3, batch_size=128, epochs=20, init="he_uniform"),
+)
+def mlp(
+    hidden: tuple[int, ...] = (256, 128),
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+) -> nn.Sequential:
+    """mlp: flatten, dense ReLU layers h0, h1... (default 784-256-128-10), op."""
+    widths = [in_channels * image_size * image_size, *(int(h) for h in hidden)]
+    layers: list[tuple[str, nn.Module]] = [("flatten", nn.Flatten())]
+    for i, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        layers += [(f"h{i}", nn.Linear(fan_in, fan_out)), (f"h{i}_relu", nn.ReLU())]
+    layers.append(("op", nn.Linear(widths[-1], num_classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+# The torchvision architectures have no dataset of their own; the expected input says what
+# they are fed: 32x32 (the smallest size their five stride-2 stages reduce to exactly 1x1).
+_TORCHVISION_RECIPE = TrainRecipe(optimizer="adam", lr=1e-3, batch_size=128, epochs=5,
+                                  init="builder")
+register_model("resnet18", dataset=None, input_shape=(3, 32, 32), recipe=_TORCHVISION_RECIPE)(
+    torchvision_models.resnet18
+)
+register_model(
+    "mobilenet_v3_small", dataset=None, input_shape=(3, 32, 32), recipe=_TORCHVISION_RECIPE
+)(torchvision_models.mobilenet_v3_small)

@@ -1,22 +1,23 @@
-"""Training the registered models and the on-disk checkpoint store.
+"""Training any referenced model (:class:`~hasched.zoo.ref.ModelRef`) and the on-disk
+checkpoint store.
 
 Training is deterministic for a given seed on CPU: weights are initialised from an explicit
 :class:`torch.Generator`, mini-batches are shuffled with another one, and dropout (which can
 only draw from the global RNG) runs inside :func:`torch.random.fork_rng`, so the caller's
 global RNG state is restored afterwards.
 
-Checkpoints live in ``<models_dir>/<model>/seed<seed>/`` as ``model.safetensors`` plus
-``meta.json``; ``models_dir`` is the explicit argument, else ``$HASCHED_MODELS_DIR``, else
-``~/.cache/hasched/models``.
+Checkpoints live in ``<models_dir>/<store name>/seed<seed>/`` as ``model.safetensors`` plus
+``meta.json`` (the store name of a registered model on its own dataset is its name, e.g.
+``mnist32-cnn``; see :attr:`~hasched.zoo.ref.ModelRef.store_name`); ``models_dir`` is the
+explicit argument, else ``$HASCHED_MODELS_DIR``, else ``~/.cache/hasched/models``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,24 +27,37 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
-from tqdm.auto import tqdm
 
 from hasched.errors import HaschedError
-from hasched.zoo.data import Dataset, load_dataset
-from hasched.zoo.models import create_model, get_model_spec, init_weights
+from hasched.io import atomic_write, check_out_dir, make_dirs, read_json, require
+from hasched.zoo.data import Dataset, dataset_classes, load_dataset
+from hasched.zoo.fit import check_outputs, evaluate_accuracy, fit, recalibrate_batchnorm
+from hasched.zoo.models import GENERIC_RECIPE, TrainRecipe, get_model_spec, init_weights
+from hasched.zoo.ref import ModelRef, adapter_for, build_model, builder_origin
+from hasched.zoo.weights import load_strict
 
 __all__ = [
     "CheckpointNotFoundError",
     "TrainConfig",
+    "check_store",
     "checkpoint_dir",
     "evaluate_accuracy",
     "load_checkpoint",
     "load_or_train",
+    "load_or_train_ref",
+    "load_stored",
+    "missing_checkpoint_message",
+    "recipe_for",
+    "require_checkpoint",
+    "require_stored",
     "resolve_models_dir",
     "save_checkpoint",
+    "stored_seeds",
     "train_model",
+    "train_ref",
 ]
 
 _WEIGHTS = "model.safetensors"
@@ -62,15 +76,15 @@ class TrainConfig:
     """Everything that determines a training run.
 
     Attributes:
-        model: Registered model name.
+        ref: The model (and dataset) to train.
         seed: Seed for weight init, shuffling and dropout.
         epochs: Epoch count overriding the recipe's (scaled) one, or None.
         max_steps: Stop after this many optimiser steps (for tests), or None.
-        train_subset: Use only the first N training images (for tests), or None.
+        train_subset: Use only the first N training images, or None.
         device: Torch device string.
     """
 
-    model: str
+    ref: ModelRef
     seed: int
     epochs: int | None = None
     max_steps: int | None = None
@@ -78,24 +92,15 @@ class TrainConfig:
     device: str = "cpu"
 
 
-def evaluate_accuracy(
-    model: nn.Module, dataset: Dataset, batch_size: int = 1000, device: str = "cpu"
-) -> float:
-    """Top-1 accuracy of ``model`` on ``dataset`` (model is put in eval mode)."""
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            x = dataset.images[start : start + batch_size].to(device)
-            y = dataset.labels[start : start + batch_size].to(device)
-            correct += int((model(x).argmax(dim=1) == y).sum())
-    return correct / max(len(dataset), 1)
-
-
 def _scaled_epochs(recipe_epochs: int, reference: int, n_train: int) -> int:
     # Keep the recipe's number of optimiser steps when the training set is smaller than the
     # one the recipe was written for (e.g. the 10k offline MNIST subset -> 6x the epochs).
     return max(1, round(recipe_epochs * reference / n_train))
+
+
+def recipe_for(ref: ModelRef) -> TrainRecipe:
+    """A registered model's own recipe; :data:`GENERIC_RECIPE` for any other model."""
+    return get_model_spec(ref.name).recipe if ref.kind == "registered" else GENERIC_RECIPE
 
 
 def train_model(
@@ -110,10 +115,38 @@ def train_model(
     progress: bool = True,
     download: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a registered model with its recipe and evaluate it on the test split.
+    """Train a registered model with its recipe on its dataset (see :func:`train_ref`).
+
+    Raises:
+        HaschedError: Unknown model, missing data, or invalid arguments.
+    """
+    return train_ref(ModelRef(model_name), seed, data_dir=data_dir, epochs=epochs,
+                     train_subset=train_subset, max_steps=max_steps, device=device,
+                     progress=progress, download=download)
+
+
+def train_ref(
+    ref: ModelRef,
+    seed: int,
+    *,
+    data_dir: str | Path | None = None,
+    epochs: int | None = None,
+    train_subset: int | None = None,
+    max_steps: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    download: bool = True,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train any referenced model on its dataset and evaluate it on the test split.
+
+    Registered models use their recipe (and, for the paper models, their Keras-style init
+    from an explicit generator); other models use :data:`GENERIC_RECIPE` with their builder's
+    own initialisation, drawn from a seeded fork of the global RNG. Images go through the
+    model's :class:`~hasched.zoo.data.InputAdapter` batch by batch. Models with BatchNorm get
+    their running statistics re-estimated after training (:func:`recalibrate_batchnorm`).
 
     Args:
-        model_name: Registered model name.
+        ref: The model and dataset.
         seed: Seed for init, shuffling and dropout; same seed on CPU gives identical weights.
         data_dir: Dataset location, see :func:`hasched.zoo.data.find_dataset_dir`.
         epochs: Override the epoch count; by default the recipe's epochs scaled so the number
@@ -128,26 +161,26 @@ def train_model(
         ``(model, meta)``: the trained model in eval mode and its metadata dict.
 
     Raises:
-        HaschedError: Unknown model, missing data, or invalid arguments.
+        HaschedError: Missing data, invalid arguments, a checkpoint reference (training
+            starts from scratch), or a model that cannot take the dataset's images.
     """
-    cfg = TrainConfig(model_name, seed, epochs, max_steps, train_subset, device)
-    spec = get_model_spec(cfg.model)
-    recipe = spec.recipe
-    for label, value in (
-        ("epochs", epochs),
-        ("train_subset", train_subset),
-        ("max_steps", max_steps),
-    ):
+    for label, value in (("epochs", epochs), ("train_subset", train_subset),
+                         ("max_steps", max_steps)):
         if value is not None and value < 1:
             raise HaschedError(f"{label} must be at least 1, got {value}")
-    train = load_dataset(spec.dataset, "train", data_dir, download=download)
-    test = load_dataset(spec.dataset, "test", data_dir, download=download)
+    if ref.checkpoint is not None:
+        raise HaschedError(f"{ref.name}: training starts from scratch; drop the checkpoint"
+                           f" {ref.checkpoint}")
+    cfg = TrainConfig(ref, seed, epochs, max_steps, train_subset, device)
+    recipe = recipe_for(ref)
+    train = load_dataset(ref.dataset, "train", data_dir, download=download)
+    test = load_dataset(ref.dataset, "test", data_dir, download=download)
     x_train, y_train = train.images, train.labels
     if cfg.train_subset is not None:
         x_train, y_train = x_train[: cfg.train_subset], y_train[: cfg.train_subset]
     n_train = int(y_train.shape[0])
     if n_train == 0:
-        raise HaschedError(f"training split of {spec.dataset!r} is empty")
+        raise HaschedError(f"training split of {ref.dataset!r} is empty")
     n_epochs = cfg.epochs or _scaled_epochs(recipe.epochs, recipe.reference_train_size, n_train)
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
     total_steps = n_epochs * steps_per_epoch
@@ -162,51 +195,37 @@ def train_model(
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     started, cpu_started = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(cfg.seed)  # only dropout draws from the (forked) global RNG
-        model = create_model(cfg.model)
+        # Dropout and builders' own inits draw from the (forked) global RNG.
+        torch.manual_seed(cfg.seed)
+        model = build_model(ref)
         init_weights(model, recipe.init, init_gen)
-        model.to(cfg.device).train()
-        if recipe.optimizer == "sgd":
-            opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
-        else:
-            # Keras' Adam epsilon is 1e-7 (PyTorch's default is 1e-8).
-            opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, eps=1e-7)
-        loss_fn = nn.CrossEntropyLoss()
-        step = 0
-        loss_value = float("nan")
-        bar = tqdm(
-            total=total_steps,
-            desc=f"train {cfg.model} seed{cfg.seed}",
-            file=sys.stderr,
-            disable=not progress,
-            unit="step",
-            leave=False,
-        )
-        with bar:
-            while step < total_steps:
-                order = torch.randperm(n_train, generator=shuffle_gen).to(cfg.device)
-                for start in range(0, n_train, recipe.batch_size):
-                    if step >= total_steps:
-                        break
-                    idx = order[start : start + recipe.batch_size]
-                    opt.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(x_train[idx]), y_train[idx])
-                    loss.backward()
-                    opt.step()
-                    step += 1
-                    loss_value = float(loss.detach())
-                    bar.update(1)
-                    if step % 10 == 0:
-                        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-    train_seconds = time.perf_counter() - started
-    # CPU seconds too: on a shared machine wall time says more about the neighbours.
-    train_cpu_seconds = time.process_time() - cpu_started
-    accuracy = evaluate_accuracy(model, test, device=cfg.device)
+        model.to(cfg.device)
+        adapter = adapter_for(ref, model)
+        check_outputs(model, ref, adapter(x_train[:2]), dataset_classes(ref.dataset))
+        model.train()
+        step, loss_value = fit(model, recipe, x_train, y_train, adapter, total_steps,
+                                shuffle_gen, progress, f"train {ref.store_name} seed{cfg.seed}")
+        n_recalibrated = recalibrate_batchnorm(model, x_train, adapter, recipe.batch_size)
+    timing = (time.perf_counter() - started, time.process_time() - cpu_started)
+    accuracy = evaluate_accuracy(model, test, device=cfg.device, adapter=adapter)
     model.eval()
-    meta = {
-        "model": cfg.model,
+    epochs_done = step / steps_per_epoch if step < n_epochs * steps_per_epoch else n_epochs
+    meta = _train_meta(cfg, recipe, (train, test), n_train, step, epochs_done, loss_value,
+                       accuracy, timing)
+    meta.update(ref=ref.to_dict(), builder=builder_origin(ref), input=adapter.describe())
+    if n_recalibrated:
+        meta["bn_recalibration_images"] = n_recalibrated
+    return model, meta
+
+
+def _train_meta(cfg: TrainConfig, recipe: TrainRecipe, data: tuple[Dataset, Dataset],
+                n_train: int, step: int, epochs_done: float, loss_value: float,
+                accuracy: float, timing: tuple[float, float]) -> dict[str, Any]:
+    train, test = data
+    return {
+        "model": cfg.ref.store_name,
         "seed": cfg.seed,
-        "epochs": step / steps_per_epoch if step < n_epochs * steps_per_epoch else n_epochs,
+        "epochs": epochs_done,
         "steps": step,
         "batch_size": recipe.batch_size,
         "optimizer": recipe.optimizer,
@@ -215,16 +234,16 @@ def train_model(
         "final_loss": loss_value,
         "test_accuracy": accuracy,
         "test_images": len(test),
-        "dataset": spec.dataset,
+        "dataset": cfg.ref.dataset,
         "dataset_fingerprint": {"train": train.fingerprint, "test": test.fingerprint},
-        "train_seconds": round(train_seconds, 2),
-        "train_cpu_seconds": round(train_cpu_seconds, 2),
+        "train_seconds": round(timing[0], 2),
+        # CPU seconds too: on a shared machine wall time says more about the neighbours.
+        "train_cpu_seconds": round(timing[1], 2),
         "torch_threads": torch.get_num_threads(),
         "device": cfg.device,
         "torch_version": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    return model, meta
 
 
 def resolve_models_dir(models_dir: str | Path | None = None) -> Path:
@@ -242,17 +261,44 @@ def checkpoint_dir(model_name: str, seed: int, models_dir: str | Path | None = N
     return resolve_models_dir(models_dir) / model_name / f"seed{seed}"
 
 
-def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    # Write next to the destination then rename, so readers never see a half-written file
-    # and a crash leaves the previous version intact.
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
+def stored_seeds(model_name: str, models_dir: str | Path | None = None) -> list[int]:
+    """Seeds of ``model_name`` that have a checkpoint folder in the store."""
+    folder = resolve_models_dir(models_dir) / model_name
     try:
-        write(Path(tmp))
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(int(n[4:]) for n in names
+                  if n.startswith("seed") and n[4:].isdigit() and (folder / n / _META).is_file())
+
+
+def check_store(model_name: str, seed: int, models_dir: str | Path | None = None) -> Path:
+    """The store policy, checked before a training run rather than after it.
+
+    The checkpoint folder must be new, empty or hold only checkpoint files; the store
+    itself may hold anything else.
+
+    Returns:
+        The checkpoint folder.
+
+    Raises:
+        HaschedError: The store or the folder is (or lies under) a file, or the folder
+            holds files that are not a checkpoint's.
+    """
+    store = resolve_models_dir(models_dir)
+    if store.exists() and not store.is_dir():  # say so about the store, not a folder inside
+        raise HaschedError(f"--models-dir {store} is a file, not a folder; use another "
+                           "--models-dir")
+    folder = checkpoint_dir(model_name, seed, models_dir)
+    check_out_dir(folder, what="checkpoint", option="--models-dir",
+                  compatible=lambda _cfg, path: _foreign_store_file(path),
+                  legacy=lambda names: set(names) <= {_WEIGHTS, _META})
+    return folder
+
+
+def _foreign_store_file(path: Path) -> None:
+    raise HaschedError(f"{path} is not a checkpoint file, so {path.parent} is not a "
+                       "checkpoint folder; use another --models-dir")
 
 
 def save_checkpoint(
@@ -260,24 +306,72 @@ def save_checkpoint(
 ) -> Path:
     """Store ``model``'s weights and ``meta`` under ``meta["model"]`` / ``meta["seed"]``.
 
+    Each file is replaced atomically; if the second cannot be written, a first one that
+    had no predecessor is removed again, so no half checkpoint is left.
+
     Returns:
         The checkpoint folder.
+
+    Raises:
+        HaschedError: The folder is not a checkpoint folder, or a write failed (full or
+            read-only disk).
     """
-    folder = checkpoint_dir(meta["model"], int(meta["seed"]), models_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = check_store(meta["model"], int(meta["seed"]), models_dir)
+    make_dirs(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / _WEIGHTS, lambda p: save_file(state, str(p)))
-    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / _META, lambda p: p.write_text(text, encoding="utf-8"))
+    had_weights = (folder / _WEIGHTS).exists()
+    atomic_write(folder / _WEIGHTS, save_safetensors(state))
+    try:
+        atomic_write(folder / _META, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    except HaschedError:
+        if not had_weights:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / _WEIGHTS)
+        raise
     return folder
+
+
+def _check_meta(meta: Any, meta_path: Path, model_name: str, seed: int, hint: str) -> None:
+    """Schema of ``meta.json``: an object for this model and seed, numbers where numbers go."""
+    try:
+        require(meta, "model", str, file=meta_path)
+        require(meta, "seed", int, file=meta_path)
+        require(meta, "test_accuracy", float, file=meta_path, default=None)
+        require(meta, "epochs", float, file=meta_path, default=None)
+    except HaschedError as err:
+        raise HaschedError(f"corrupt checkpoint metadata {err}{hint}") from None
+    if meta["model"] != model_name or meta["seed"] != seed:
+        raise HaschedError(
+            f"checkpoint metadata {meta_path} is not for {model_name} seed {seed}{hint}"
+        )
+
+
+def _check_finite(state: dict[str, torch.Tensor], weights: Path, hint: str) -> None:
+    """A header can be valid while the numbers are NaN: check every float tensor."""
+    for key, tensor in state.items():
+        # NaN and inf propagate into the sum, so one cheap reduction clears a tensor; only
+        # a suspect one (or one whose finite values overflow the sum) is counted exactly.
+        if tensor.is_floating_point() and not torch.isfinite(tensor.sum(dtype=torch.float64)):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise HaschedError(f"checkpoint {weights} has {bad} non-finite (NaN or inf) "
+                                   f"values in {key}{hint}")
 
 
 def load_checkpoint(
     model_name: str, seed: int, models_dir: str | Path | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a stored checkpoint, validating it against the registered architecture.
+    """Load a registered model's stored checkpoint (see :func:`load_stored`)."""
+    return load_stored(ModelRef(model_name), seed, models_dir)
 
-    Files are only read, never repaired or removed.
+
+def load_stored(
+    ref: ModelRef, seed: int, models_dir: str | Path | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a stored checkpoint, validating it against the referenced architecture.
+
+    The folder is ``<models_dir>/<ref.store_name>/seed<seed>``. Files are only read, never
+    repaired or removed.
 
     Returns:
         ``(model, meta)`` with the model on CPU in eval mode.
@@ -286,11 +380,11 @@ def load_checkpoint(
         CheckpointNotFoundError: If neither file exists.
         HaschedError: If a file is missing, unreadable, or does not match the model.
     """
-    model = create_model(model_name)  # validates the name first
-    folder = checkpoint_dir(model_name, seed, models_dir)
+    name = ref.store_name
+    folder = checkpoint_dir(name, seed, models_dir)
     weights, meta_path = folder / _WEIGHTS, folder / _META
     if not weights.exists() and not meta_path.exists():
-        raise CheckpointNotFoundError(f"no checkpoint for {model_name} seed {seed} in {folder}")
+        raise CheckpointNotFoundError(f"no checkpoint for {name} seed {seed} in {folder}")
     for path in (weights, meta_path):
         if not path.is_file():
             raise HaschedError(
@@ -298,34 +392,52 @@ def load_checkpoint(
             )
     hint = f"; delete {folder} to retrain"
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HaschedError(f"corrupt checkpoint metadata {meta_path}: {exc}{hint}") from None
-    if not isinstance(meta, dict) or meta.get("model") != model_name or meta.get("seed") != seed:
-        raise HaschedError(
-            f"checkpoint metadata {meta_path} is not for {model_name} seed {seed}{hint}"
-        )
+        meta = read_json(meta_path, what="checkpoint metadata")
+    except HaschedError as exc:
+        raise HaschedError(f"corrupt {exc}{hint}") from None
+    _check_meta(meta, meta_path, name, seed, hint)
     try:
         state = load_file(str(weights))
     except (OSError, SafetensorError, ValueError, RuntimeError) as exc:
         raise HaschedError(f"corrupt checkpoint weights {weights}: {exc}{hint}") from None
-    expected = model.state_dict()
-    if set(state) != set(expected):
-        diff = sorted(set(state) ^ set(expected))
-        raise HaschedError(
-            f"checkpoint {weights} does not match {model_name}: keys differ"
-            f" ({', '.join(diff)}){hint}"
-        )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape or tensor.dtype != expected[key].dtype:
-            raise HaschedError(
-                f"checkpoint {weights} does not match {model_name}: {key} is"
-                f" {tuple(tensor.shape)} {tensor.dtype}, expected"
-                f" {tuple(expected[key].shape)} {expected[key].dtype}{hint}"
-            )
-    model.load_state_dict(state)
+    _check_finite(state, weights, hint)
+    model = build_model(ref, seed)
+    load_strict(model, state, weights, name, hint=hint)
     model.eval()
     return model, meta
+
+
+def missing_checkpoint_message(
+    model_name: str, seed: int, models_dir: str | Path | None = None
+) -> str:
+    """Says which checkpoint is missing, which seeds the store has and how to train it."""
+    store = resolve_models_dir(models_dir)
+    seeds = stored_seeds(model_name, models_dir)
+    have = (f"it has {model_name} seed{'s' if len(seeds) > 1 else ''} "
+            f"{', '.join(map(str, seeds))}" if seeds else f"it has no {model_name} checkpoint")
+    return (f"no checkpoint for {model_name} seed {seed} in the store {store} ({have}); "
+            f"train it with `hasched train --model {model_name} --seed {seed} --models-dir "
+            f"{store}` (~20-30 min on 2 cores) or add --train")
+
+
+def require_checkpoint(model_name: str, seed: int, models_dir: str | Path | None = None) -> None:
+    """Loads a registered model's checkpoint once to check it (see :func:`require_stored`)."""
+    require_stored(ModelRef(model_name), seed, models_dir)
+
+
+def require_stored(ref: ModelRef, seed: int, models_dir: str | Path | None = None) -> None:
+    """Loads the stored checkpoint once to check it (missing, corrupt, NaN) before any
+    output exists.
+
+    Raises:
+        CheckpointNotFoundError: Missing (the message names the seeds stored).
+        HaschedError: Present but unusable.
+    """
+    try:
+        load_stored(ref, seed, models_dir)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            missing_checkpoint_message(ref.store_name, seed, models_dir)) from None
 
 
 def load_or_train(
@@ -337,31 +449,64 @@ def load_or_train(
     log: Callable[[str], None] | None = None,
     *,
     epochs: int | None = None,
+    train: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the stored checkpoint, or train and store it on first use.
+    """Load a registered model's stored checkpoint; train and store it only when ``train``
+    is set (see :func:`load_or_train_ref`)."""
+    return load_or_train_ref(ModelRef(model_name), seed, models_dir, data_dir, progress, log,
+                             epochs=epochs, train=train)
 
-    A corrupt checkpoint is reported, never silently overwritten. ``epochs`` only applies
-    when training; an existing checkpoint is returned whatever its epoch count.
+
+def load_or_train_ref(
+    ref: ModelRef,
+    seed: int,
+    models_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    *,
+    epochs: int | None = None,
+    train_subset: int | None = None,
+    train: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the stored checkpoint; train and store it only when ``train`` is set.
+
+    Training takes minutes (the full recipe ~20-30 min on 2 cores), so a missing
+    checkpoint (e.g. a mistyped seed) is an error unless the caller asked for training.
+    A corrupt checkpoint is reported, never silently overwritten. ``epochs`` and
+    ``train_subset`` only apply when training; an existing checkpoint is returned whatever
+    it was trained with.
 
     Args:
-        model_name: Registered model name.
+        ref: The model.
         seed: Model seed.
         models_dir: Checkpoint root, see :func:`resolve_models_dir`.
         data_dir: Dataset location for training.
         progress: Show a progress bar while training.
-        log: Called with a one-line message when training is needed.
-        epochs: Epoch override for training (see :func:`train_model`).
+        log: Called with a one-line message when training starts.
+        epochs: Epoch override for training (see :func:`train_ref`).
+        train_subset: Train on the first N training images only.
+        train: Train a missing checkpoint instead of raising.
 
     Returns:
         ``(model, meta)`` with the model in eval mode.
+
+    Raises:
+        CheckpointNotFoundError: Missing and ``train`` is False; the message names the
+            store, the seeds it has and the command that trains the missing one.
     """
     try:
-        return load_checkpoint(model_name, seed, models_dir)
+        return load_stored(ref, seed, models_dir)
     except CheckpointNotFoundError:
-        pass
-    folder = checkpoint_dir(model_name, seed, models_dir)
+        if not train:
+            raise CheckpointNotFoundError(
+                missing_checkpoint_message(ref.store_name, seed, models_dir)) from None
+    folder = check_store(ref.store_name, seed, models_dir)  # before, not after, training
+    make_dirs(folder)  # a read-only store fails now, too
     if log is not None:
-        log(f"no checkpoint for {model_name} seed {seed}: training it now (stored in {folder})")
-    model, meta = train_model(model_name, seed, data_dir=data_dir, epochs=epochs, progress=progress)
+        log(f"no checkpoint for {ref.store_name} seed {seed}: training it now (stored in"
+            f" {folder})")
+    model, meta = train_ref(ref, seed, data_dir=data_dir, epochs=epochs,
+                            train_subset=train_subset, progress=progress)
     save_checkpoint(model, meta, models_dir)
     return model, meta

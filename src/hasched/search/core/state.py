@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hasched.errors import HaschedError
+from hasched.io import atomic_write, make_dirs
 
 
 def make_generator(seed: int | torch.Generator) -> torch.Generator:
@@ -30,19 +29,14 @@ def seed_tag(seed: int | torch.Generator) -> int | None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically: a kill mid-write leaves the previous file intact."""
+    """Write ``state`` atomically: a kill mid-write leaves the previous file intact.
+
+    Raises:
+        HaschedError: The write failed (full or read-only disk, ...); nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    make_dirs(path.parent)
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def load_checkpoint(path: Path, meta: dict[str, Any]) -> dict[str, Any] | None:
