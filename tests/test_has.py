@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,30 +22,14 @@ from hasched.study.schedule_search import (
     check_disjoint,
     run_has_search,
 )
-from hasched.zoo import data
-from hasched.zoo.train import save_checkpoint, train_model
-from idx_files import FILES, write_idx
+from tiny_store import make_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """(data_dir, models_dir) with synthetic mnist and a tiny mnist32-cnn seed 1."""
-    root = tmp_path_factory.mktemp("has")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 256), ("test", 128)):
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for i, lab in enumerate(labels):
-            images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
-        (root / "data" / "mnist").mkdir(parents=True, exist_ok=True)
-        write_idx(root / "data" / "mnist" / FILES[split][0], images)
-        write_idx(root / "data" / "mnist" / FILES[split][1], labels)
     mp = pytest.MonkeyPatch()
-    mp.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no dl")))
-    model, meta = train_model("mnist32-cnn", 1, data_dir=root / "data", train_subset=256,
-                              max_steps=2, progress=False, download=False)
-    save_checkpoint(model, meta, root / "models")
-    yield root / "data", root / "models"
+    yield make_store(tmp_path_factory.mktemp("has"), mp)
     mp.undo()
 
 
@@ -179,3 +162,103 @@ def test_reproduce_plan_covers_the_papers_cases():
     hs, ho = QUICK.settings.search_images, QUICK.settings.holdout_images
     check_disjoint({"start": int(hs.split(":")[0]), "stop": int(hs.split(":")[1])},
                    {"start": 0, "stop": int(ho.strip(":"))})
+
+
+# --------------------------------------------------------------------------- model-aware
+
+
+def test_slot_exposure_and_rate_maps_match_the_profile_and_schedules(store):
+    from hasched.sim.layers import row_rates
+    from hasched.sim.profile import FaultProfile
+
+    ev = _ev(store, fr_max=0.05)
+    prof = FaultProfile.generate(0.05, 1)
+    # c0 (32 rows, K = 16 = one K-block) is one tile on SM 0: slot s runs on PE (0, s).
+    exp = ev.slot_exposure()["c0"]
+    assert exp.dtype == torch.float64 and exp.shape == (32,)
+    assert torch.allclose(exp, torch.tensor(prof.rates[0], dtype=torch.float64), atol=1e-8)
+    # A rate map equal to a schedule's is that schedule, draw for draw.
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))[None]
+    rates = {"c0": row_rates(ev.state.layers["c0"].slot_rate, perm)}
+    a = ev.correct({"c0": perm}, 3, torch.Generator().manual_seed(5))
+    b = ev.correct(repeats=3, generator=torch.Generator().manual_seed(5), rates=rates)
+    assert torch.equal(a, b)
+    # All-zero rates: exactly the clean accuracy, every repeat.
+    zero = ev.accuracy(repeats=2, generator=torch.Generator().manual_seed(0),
+                       rates={"c0": torch.zeros(3, 32, 1, 1)})
+    assert zero.shape == (3, 2) and torch.all(zero == ev.clean_accuracy)
+    with pytest.raises(HaschedError, match="rates must be"):
+        ev.correct(rates={"c0": torch.zeros(1, 31, 1, 1)})
+    with pytest.raises(HaschedError, match="not both"):
+        ev.correct({"c0": perm}, rates=rates)
+
+
+def test_schedule_problem_is_model_aware_and_resumable(store):
+    ev = _ev(store, fr_max=0.2)
+    p = ScheduleProblem(ev, 2, seed=3)
+    assert torch.equal(p.slot_exposure()["c0"], ev.slot_exposure()["c0"])
+    assert p.slot_rates()["c0"].shape == (32, 1, 1) and p.weights()["c0"].shape == (32, 16)
+    probe = {"c0": torch.zeros(4, 32, 1, 1)}
+    probe["c0"][:, 0] = 1.0
+    a, b = p.evaluate_rates(probe), p.evaluate_rates(probe)
+    assert p.evaluated == 8 and a.shape == (4,) and not torch.equal(a, b)
+    assert torch.equal(ScheduleProblem(ev, 2, seed=3, evaluated=4).evaluate_rates(probe), b)
+
+
+@pytest.mark.parametrize("alg", ["criticality", "hybrid", "cma"])
+def test_every_searcher_runs_through_the_pipeline(store, tmp_path, alg):
+    res = run_has_search(tmp_path / alg, **_kw(store, algorithm=alg, runs=1))
+    se = res["search"]
+    assert res["settings"]["algorithm"] == se["algorithm"] == alg
+    assert se["random_evaluations"] == se["evaluations"]
+    if alg == "criticality":  # 32 row probes + the schedule itself
+        assert se["evaluations"] == [33] and se["info"]["probe_rates"]["c0"] > 0
+    if alg == "cma":  # population 4 x (2 + 1) generations
+        assert se["evaluations"] == [12]
+    assert se["error_instances"] == [2 * e for e in se["evaluations"]]
+    rows = list(csv.DictReader(open(tmp_path / alg / "history.csv")))
+    assert {r["algorithm"] for r in rows} == {alg, "random"}
+
+
+def test_plan_profile_drives_planning_only(store, tmp_path):
+    from hasched.sim.profile import FaultProfile
+
+    FaultProfile.generate(5e-3, 1).save(tmp_path / "same.json")
+    flipped = FaultProfile.generate(5e-3, 1).rates[:, ::-1]
+    FaultProfile(rates=flipped.copy()).save(tmp_path / "flipped.json")
+    kw = dict(algorithm="criticality", runs=1)
+    base = run_has_search(tmp_path / "a", **_kw(store, **kw))
+    same = run_has_search(tmp_path / "b", **_kw(store, plan_profile=str(tmp_path / "same.json"),
+                                               **kw))
+    other = run_has_search(tmp_path / "c", **_kw(
+        store, plan_profile=str(tmp_path / "flipped.json"), **kw))
+
+    def perm(d, f="schedule.json"):
+        return json.loads((tmp_path / d / f).read_text())["permutations"]["c0"]
+
+    assert perm("a") == perm("b") and perm("a") != perm("c")
+    # The fitness runs on the chip: planning with its own profile changes nothing at all,
+    # and random search (which plans nothing) finds the same schedule either way.
+    assert same["results"] == base["results"] and same["search"]["best_fitness"] == \
+        base["search"]["best_fitness"]
+    assert perm("a", "schedule-random.json") == perm("c", "schedule-random.json")
+    assert other["results"]["clean"] == base["results"]["clean"]
+
+
+def test_unknown_algorithm_or_option_is_refused_before_loading(store, tmp_path):
+    with pytest.raises(HaschedError, match="algorithm"):
+        SearchSettings(algorithm="annealing")
+    with pytest.raises(HaschedError, match="unknown ga option"):
+        SearchSettings(options={"noise_level": 2})
+    with pytest.raises(HaschedError, match="noise"):
+        SearchSettings(options={"noise": "median"})
+
+
+def test_random_baseline_can_be_left_out(store, tmp_path):
+    res = run_has_search(tmp_path / "o", **_kw(store, algorithm="criticality", runs=1,
+                                               random_baseline=False))
+    assert res["results"]["random"] is None and res["has_minus_random"] is None
+    assert res["search"]["random_evaluations"] == []
+    assert not (tmp_path / "o" / "schedule-random.json").exists()
+    assert "not run" in (tmp_path / "o" / "summary.md").read_text()
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["random_baseline"] is False

@@ -33,6 +33,7 @@ EXCLUDED = {
     "evaluate": set(),
     "sensitivity": {"--error-seed"},
     "search": {"--images"},
+    "compare": {"--images"},  # like search: search and held-out image ranges instead
     "bench": {"--images"} | MODEL,  # bench times the paper model's suite
     "demo": {"--images"} | MODEL,  # the demo trains its own mnist32-cnn
     "reproduce": {"--layers", "--fault", "--fr-max", "--profile-seed", "--images",

@@ -1,16 +1,21 @@
-"""Tests for hasched.search: operators, GA, random search, registry, checkpoint/resume."""
+"""Tests for hasched.search: operators, GA, random search, registry, and what every
+registered searcher must do through the shared loop (determinism, resume, hooks)."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from hasched.errors import HaschedError
 from hasched.search import (
+    CMAConfig,
+    CriticalityConfig,
     FunctionProblem,
     GAConfig,
+    HybridConfig,
     RandomSearchConfig,
     SearchResult,
     best_of,
@@ -29,12 +34,18 @@ from hasched.search.operators import (
 )
 from hasched.search.operators.crossover import random_cut_points
 from hasched.search.operators.mutation import swap_positions
+from search_problems import mismatch_problem, random_rate_problem
 
 # Small configs so every searcher runs in well under a second.
 SMALL = {
     "ga": GAConfig(population=8, generations=6),
     "random": RandomSearchConfig(evaluations=60, batch=8),
+    "criticality": CriticalityConfig(),
+    "hybrid": HybridConfig(population=6, generations=4),
+    "cma": CMAConfig(population=6, evaluations=42),
 }
+# Searchers that draw no random numbers at all (the seed cannot change their result).
+SEEDLESS = {"criticality"}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -44,17 +55,6 @@ def _gen(seed: int) -> torch.Generator:
 def _is_perm_rows(x: torch.Tensor) -> bool:
     n = x.shape[1]
     return bool((x.sort(dim=1).values == torch.arange(n)).all())
-
-
-def mismatch_problem(sizes: dict[str, int], seed: int = 123) -> tuple[FunctionProblem, dict]:
-    """fitness = -(positions where perm != a fixed target), summed over layers; optimum 0."""
-    g = _gen(seed)
-    target = {k: torch.randperm(n, generator=g) for k, n in sizes.items()}
-
-    def fn(perms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return -sum((perms[k] != target[k]).sum(dim=1) for k in perms).to(torch.float64)
-
-    return FunctionProblem(sizes, fn), target
 
 
 class Spy(FunctionProblem):
@@ -200,24 +200,38 @@ def test_truncate_keeps_fittest_with_stable_ties():
 # --------------------------------------------------------------------------- searchers
 
 
+def test_every_registered_searcher_is_covered_here():
+    assert set(SMALL) == set(list_searchers())
+
+
+def _toy(noise: float = 0.0, evaluated: int = 0):
+    """Model-aware, non-separable, two layers: every searcher can run on it."""
+    p = random_rate_problem({"x": 12, "y": 7}, n_k=2, separable=False, noise=noise, seed=4)
+    p.evaluated = evaluated
+    return p
+
+
+def _evaluated(problem) -> int:
+    return sum(n for _, n in problem.calls)
+
+
 @pytest.mark.parametrize("name", list_searchers())
 def test_determinism_same_seed_same_result_different_seed_different(name):
-    problem, _ = mismatch_problem({"x": 12, "y": 7})
-    s = create_searcher(name, SMALL.get(name))
-    r1, r2 = s.run(problem, 7), s.run(problem, 7)
+    s = create_searcher(name, SMALL[name])
+    r1, r2 = s.run(_toy(0.01), 7), s.run(_toy(0.01), 7)
     assert _same(r1, r2)
-    r3 = s.run(problem, 8)
-    assert not _same(r1, r3)
+    r3 = s.run(_toy(0.01), 8)
+    assert _same(r1, r3) == (name in SEEDLESS)
     # A generator seeded the same way is equivalent to the int seed.
-    assert _same(r1, s.run(problem, _gen(7)))
+    assert _same(r1, s.run(_toy(0.01), _gen(7)))
 
 
 @pytest.mark.parametrize("name", list_searchers())
 def test_global_rng_untouched(name):
-    problem, _ = mismatch_problem({"x": 6})
-    before = torch.get_rng_state()
-    create_searcher(name, SMALL.get(name)).run(problem, 0)
+    before, np_before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    create_searcher(name, SMALL[name]).run(_toy(0.01), 0)
     assert torch.equal(before, torch.get_rng_state())
+    assert np.array_equal(np_before, np.random.get_state()[1])
 
 
 def test_ga_optimises_toy_problem_better_than_random_at_same_budget():
@@ -257,16 +271,20 @@ def test_random_search_batches_and_budget():
 
 @pytest.mark.parametrize("name", list_searchers())
 def test_best_is_best_ever_and_history_non_decreasing(name):
-    spy = Spy(mismatch_problem({"a": 8, "b": 5})[0])
-    res = create_searcher(name, SMALL.get(name)).run(spy, 11)
-    best_seen = float(torch.cat(spy.returned).max())
-    assert res.best_fitness == best_seen
-    assert float(spy.fn({k: v.unsqueeze(0) for k, v in res.best.items()})[0]) == res.best_fitness
-    bests = [h["best_fitness"] for h in res.history]
-    assert all(x <= y for x, y in zip(bests, bests[1:], strict=False))
-    # The identity schedule is in the first evaluation, so the result cannot be worse.
-    ident = {k: torch.arange(n).unsqueeze(0) for k, n in spy.sizes.items()}
-    assert res.best_fitness >= float(spy.fn(ident)[0])
+    problem = _toy()
+    seen = []
+    orig = problem.evaluate
+    problem.evaluate = lambda perms: seen.append(orig(perms)) or seen[-1]
+    res = create_searcher(name, SMALL[name]).run(problem, 11)
+    assert res.best_fitness == float(torch.cat(seen).max())
+    assert float(orig({k: v[None] for k, v in res.best.items()})[0]) == res.best_fitness
+    bests = [h["best_fitness"] for h in res.history if h["best_fitness"] is not None]
+    assert bests and all(x <= y for x, y in zip(bests, bests[1:], strict=False))
+    assert res.evaluations == _evaluated(problem) - 1 == res.history[-1]["evaluations"]
+    if getattr(SMALL[name], "include_identity", False):
+        # The identity schedule is in the first evaluation, so the result cannot be worse.
+        ident = {k: torch.arange(n)[None] for k, n in problem.sizes.items()}
+        assert res.best_fitness >= float(orig(ident)[0])
 
 
 def test_ga_odd_population_and_single_row_layer():
@@ -284,43 +302,46 @@ class Killed(Exception):
 
 @pytest.mark.parametrize("name", list_searchers())
 def test_resume_after_stop_equals_uninterrupted(name, tmp_path):
-    problem, _ = mismatch_problem({"a": 11, "b": 6})
-    cfg = {"ga": GAConfig(population=8, generations=5),
-           "random": RandomSearchConfig(evaluations=40, batch=8)}.get(name)
-    s = create_searcher(name, cfg)
-    full = s.run(problem, 5)
+    # Noisy fitness whose draws depend on how much was evaluated before, like the
+    # simulator's: a resumed run must continue the exact same sequence.
+    s = create_searcher(name, SMALL[name])
+    full = s.run(_toy(0.01), 5)
     ckpt = tmp_path / "run.pt"
-    part = s.run(problem, 5, checkpoint=ckpt, stop_after=2)
-    assert len(part.history) < len(full.history) and ckpt.exists()
-    spy = Spy(problem)
-    resumed = s.run(spy, 5, checkpoint=ckpt)
+    part = s.run(_toy(0.01), 5, checkpoint=ckpt, stop_after=len(full.history) // 2 - 1)
+    assert 0 < len(part.history) < len(full.history) and ckpt.exists()
+    rest = _toy(0.01, evaluated=part.evaluations)
+    resumed = s.run(rest, 5, checkpoint=ckpt)
     assert _same(full, resumed)
     # Only the remaining work was evaluated after the resume.
-    assert sum(spy.rows) == full.evaluations - part.evaluations
+    assert _evaluated(rest) == full.evaluations - part.evaluations
     assert [p.name for p in tmp_path.iterdir()] == ["run.pt"], "no temp files left behind"
 
 
 @pytest.mark.parametrize("name", list_searchers())
 def test_resume_after_kill_in_progress_callback(name, tmp_path):
-    problem, _ = mismatch_problem({"a": 11, "b": 6})
-    s = create_searcher(name, SMALL.get(name))
-    full = s.run(problem, 9)
+    s = create_searcher(name, SMALL[name])
+    full = s.run(_toy(0.01), 9)
+    kill_at = len(full.history) // 2
     ckpt = tmp_path / "run.pt"
-    seen = []
+    seen, timed = [], []
 
-    def die_at_3(h: dict) -> None:
+    def die(h: dict) -> None:
         seen.append(h)
-        if h["generation"] == 3:
+        if h["generation"] == kill_at:
             raise Killed
 
+    problem = _toy(0.01)
     with pytest.raises(Killed):
-        s.run(problem, 9, progress=die_at_3, checkpoint=ckpt)
-    assert seen == full.history[:4]
-    resumed = s.run(problem, 9, checkpoint=ckpt)
+        s.run(problem, 9, progress=die, checkpoint=ckpt)
+    assert seen == full.history[: kill_at + 1]
+    resumed = s.run(problem, 9, checkpoint=ckpt, hooks=[timed.append])
     assert _same(full, resumed)
+    # Hooks see every remaining step, with the history entry and a growing wall time.
+    assert [t.entry for t in timed] == full.history[kill_at + 1:]
+    assert all(t.searcher is s and t.seconds > 0 for t in timed)
     # Running again on a finished checkpoint returns the same result without evaluating.
-    spy = Spy(problem)
-    assert _same(full, s.run(spy, 9, checkpoint=ckpt)) and spy.rows == []
+    again = _toy(0.01)
+    assert _same(full, s.run(again, 9, checkpoint=ckpt)) and again.calls == []
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):
@@ -352,7 +373,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
 
 
 def test_registry_and_config_errors():
-    assert {"ga", "random"} <= set(list_searchers())
+    assert {"ga", "random", "criticality", "hybrid", "cma"} <= set(list_searchers())
     with pytest.raises(HaschedError, match="unknown searcher"):
         create_searcher("annealing")
     with pytest.raises(HaschedError, match="unknown ga option"):
@@ -360,7 +381,7 @@ def test_registry_and_config_errors():
     with pytest.raises(HaschedError):
         create_searcher("ga", RandomSearchConfig())
     assert create_searcher("ga", {"generations": 3}).config == GAConfig(generations=3)
-    assert create_searcher("ga").config == GAConfig(20, 100, 0.6, 0.2, True)
+    assert create_searcher("ga").config == GAConfig(20, 100, 0.6, 0.2, True, "none", 0)
     with pytest.raises(HaschedError):
         GAConfig(crossover_rate=1.5)
     with pytest.raises(HaschedError):

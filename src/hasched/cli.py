@@ -14,6 +14,14 @@ from typing import Annotated
 import typer
 
 from hasched.cli_options import scenario_from, scenario_options
+from hasched.cli_search import (
+    AlgorithmOpt,
+    OptionOpt,
+    compare,
+    diagnose,
+    export,
+    parse_options,
+)
 from hasched.errors import HaschedError
 
 app = typer.Typer(
@@ -308,37 +316,50 @@ def report_cmd(
 def search(
     scn: dict,
     out: Annotated[Path, typer.Option(help="Output folder (resumed if it holds this run).")],
-    algorithm: Annotated[str, typer.Option(help="ga (HAS) or random.")] = "ga",
-    population: Annotated[int, typer.Option(help="GA population.")] = 20,
-    generations: Annotated[int, typer.Option(help="GA generations.")] = 100,
+    algorithm: AlgorithmOpt = "ga",
+    option: OptionOpt = None,
+    population: Annotated[int, typer.Option(
+        help="Budget: GA/CMA population (random search: batch).")] = 20,
+    generations: Annotated[int, typer.Option(
+        help="Budget: generations (random search and CMA-ES get population x "
+        "(generations + 1) evaluations; criticality ignores the budget).")] = 100,
     runs: Annotated[int, typer.Option(help="Independent runs; the best is kept.")] = 3,
     search_images: Annotated[str, typer.Option(help="Fitness images (A:B).")] = "5120:",
     holdout_images: Annotated[str, typer.Option(help="Held-out images (disjoint).")] = ":5120",
     holdout_repeats: Annotated[int, typer.Option(help="Held-out error instances.")] = 10,
     search_seed: Annotated[int, typer.Option(help="Run i is seeded search_seed + i.")] = 0,
+    plan_profile: Annotated[Path | None, typer.Option(
+        help="Profile model-aware searchers plan with (e.g. from `hasched diagnose`); "
+        "fitness and held-out accuracy still run on the scenario's faults.")] = None,
+    random_baseline: Annotated[bool, typer.Option(
+        help="Also run random search at the same budget.")] = True,
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
     train: TrainOpt = False,
 ) -> None:
-    """Search a fault-aware schedule (HAS) for one layer group (c0, or h2+op jointly) and
-    evaluate it on held-out images. --repeats: error instances per fitness evaluation."""
+    """Search a fault-aware schedule for one layer group (c0, or h2+op jointly) with any
+    searcher and evaluate it on held-out images. --repeats: error instances per fitness
+    evaluation."""
     from hasched.study.schedule_search import SearchSettings, run_has_search
 
     if "," in scn["layers"]:
         raise HaschedError(f"search takes one layer group; join layers with + to search them "
                            f"jointly (got --layers {scn['layers']})")
     s = SearchSettings(scenario=scenario_from(scn).validate(), algorithm=algorithm,
-                       population=population, generations=generations, runs=runs,
-                       search_images=search_images, holdout_images=holdout_images,
-                       holdout_repeats=holdout_repeats, search_seed=search_seed, device=device)
+                       options=parse_options(option), population=population,
+                       generations=generations, runs=runs, search_images=search_images,
+                       holdout_images=holdout_images, holdout_repeats=holdout_repeats,
+                       search_seed=search_seed, device=device, random_baseline=random_baseline,
+                       plan_profile=str(plan_profile) if plan_profile else None)
     res = run_has_search(out, s, models_dir=models_dir, data_dir=data_dir, log=_log,
                          train=train)
     r = res["results"]
+    rnd = f" | random {r['random']['mean']:.4f}" if r["random"] else ""
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} "
                f"repeats): clean {r['clean']['mean']:.4f} | degraded (identity) "
-               f"{r['identity']['mean']:.4f} | HAS {r['has']['mean']:.4f} | random "
-               f"{r['random']['mean']:.4f}")
+               f"{r['identity']['mean']:.4f} | {algorithm} {r['has']['mean']:.4f}{rnd}; "
+               f"{sum(res['search']['evaluations'])} evaluations")
     typer.echo(f"report: {Path(out) / 'summary.md'}")
 
 
@@ -353,6 +374,8 @@ def reproduce(
     out: Annotated[Path, typer.Option(help="Output folder (finished cases are skipped).")],
     quick: Annotated[bool, typer.Option(
         help="Reduced plan: the 12 mnist32-cnn cases, small GA (~15 min on 2 cores).")] = False,
+    algorithm: AlgorithmOpt = "ga",
+    option: OptionOpt = None,
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
@@ -363,9 +386,11 @@ def reproduce(
     from hasched.study.reproduce import run_reproduce
 
     base = scenario_from(scn).validate()
+    options = parse_options(option)
     run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log,
-                  train=train, base=base)
-    typer.echo(f"report: {Path(out) / 'REPORT.md'}")
+                  train=train, base=base, algorithm=algorithm, options=options)
+    suffix = "" if algorithm == "ga" and not options else f"-{algorithm}"
+    typer.echo(f"report: {Path(out) / f'REPORT{suffix}.md'}")
 
 
 @app.command()
@@ -401,13 +426,18 @@ def bench(
     typer.echo(json.dumps(rows, indent=1) if as_json else to_markdown(rows))
 
 
+# The searcher `make demo` runs: the best in this project's measurements (README).
+DEMO_SEARCHER = "criticality"
+
+
 @app.command()
 @scenario_options(exclude=("model", "seed", "torchvision", "module", "checkpoint",
                            "num_classes", "dataset", "images"))
 def demo(
     scn: dict,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/demo"),
-    generations: Annotated[int, typer.Option(help="GA generations.")] = 20,
+    generations: Annotated[int, typer.Option(help="GA generations (GA-based searchers).")
+                           ] = 20,
     search_images: Annotated[str, typer.Option(help="Fitness images.")] = "5120:6120",
     holdout_images: Annotated[str, typer.Option(help="Held-out images.")] = ":5120",
     train_epochs: Annotated[int, typer.Option(
@@ -419,14 +449,14 @@ def demo(
         "model never stands in for a recipe-trained one].")] = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """The main job in minutes: train mnist32-cnn, fault c0, search a HAS schedule."""
+    """The main job in minutes: train mnist32-cnn, fault c0, search a schedule."""
     from hasched.io import claim_out_dir
     from hasched.study.schedule_search import SearchSettings, check_demo_dir, prepare_search
 
     if "," in scn["layers"]:
         raise HaschedError("demo takes one layer group (join layers with +)")
     s0 = scenario_from({**scn, "model": "mnist32-cnn", "seed": 1}).validate()
-    s = SearchSettings(scenario=s0, generations=generations, runs=1,
+    s = SearchSettings(scenario=s0, algorithm=DEMO_SEARCHER, generations=generations, runs=1,
                        search_images=search_images, holdout_images=holdout_images,
                        device=device)
     if train_epochs < 1:
@@ -441,7 +471,7 @@ def demo(
 def _demo(out: Path, s, train_epochs: int, models_dir: Path, data_dir: Path | None) -> None:
     from hasched.study.build import build_evaluator
     from hasched.study.build import evaluate as run_eval
-    from hasched.study.schedule_search import run_has_search
+    from hasched.study.schedule_search import demo_search_dir, run_has_search
     from hasched.zoo.train import load_or_train
 
     s0 = s.scenario
@@ -456,19 +486,26 @@ def _demo(out: Path, s, train_epochs: int, models_dir: Path, data_dir: Path | No
     typer.echo(f"2/3 on a faulty accelerator ({s0.describe()}): accuracy "
                f"{res['clean_accuracy']:.4f} clean -> {res['accuracy_mean']:.4f} "
                f"+- {res['accuracy_std']:.4f}")
-    typer.echo(f"3/3 HAS search: population 20, {s.generations} generations, fitness on "
-               f"images {s.search_images}, held-out {s.holdout_images}")
-    summ = run_has_search(out / "search", s, models_dir=models_dir, data_dir=data_dir, log=_log)
+    typer.echo(f"3/3 schedule search: {s.algorithm} (probe every row alone, give the most "
+               f"critical rows the most reliable PEs); fitness on images {s.search_images}, "
+               f"held-out {s.holdout_images}")
+    sdir = demo_search_dir(out, s)
+    summ = run_has_search(sdir, s, models_dir=models_dir, data_dir=data_dir, log=_log)
     r = summ["results"]
+    evals = sum(summ["search"]["evaluations"])
     typer.echo(f"held-out accuracy ({r['has']['images']} images, {r['has']['repeats']} repeats):")
     for key, label in (("clean", "clean"), ("identity", "degraded (no schedule)"),
-                       ("has", "recovered (HAS)"), ("random", "random search, same budget")):
+                       ("has", f"recovered ({s.algorithm}, {evals} evaluations)"),
+                       ("random", "random search, same budget")):
         lo, hi = r[key]["ci95"]
-        typer.echo(f"  {label:28s} {r[key]['mean']:.4f}  [95% CI {lo:.4f}, {hi:.4f}]")
-    sdir = out / "search"
+        typer.echo(f"  {label:36s} {r[key]['mean']:.4f}  [95% CI {lo:.4f}, {hi:.4f}]")
     typer.echo(f"report: {sdir / 'summary.md'}  figures: {sdir / 'recovery.png'}, "
                f"{sdir / 'convergence.png'}")
 
+
+app.command()(compare)
+app.command()(export)
+app.command()(diagnose)
 
 # New commands go above this line.
 

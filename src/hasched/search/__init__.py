@@ -1,8 +1,11 @@
-"""Fault-aware schedule search (paper §3.3): a GA over per-layer row permutations.
+"""Fault-aware schedule search (paper §3.3): per-layer row permutations.
 
-Laid out like pymoo: :mod:`~hasched.search.core` (problem, result, registry, checkpoints),
-:mod:`~hasched.search.operators` (sampling, crossover, mutation) and
-:mod:`~hasched.search.algorithms` (``"ga"``, ``"random"``).
+Laid out like pymoo: :mod:`~hasched.search.core` (problem, the shared ask/tell loop,
+result, registry, checkpoints), :mod:`~hasched.search.operators` (sampling, crossover,
+mutation) and :mod:`~hasched.search.algorithms`: ``"ga"`` (the paper's HAS GA, with
+optional noise handling), ``"random"``, ``"criticality"`` (probe each row, sort),
+``"hybrid"`` (criticality-seeded GA) and ``"cma"`` (CMA-ES through random keys). A new
+searcher subclasses :class:`SearchLoop` and implements ``_setup/_ask/_tell/_done``.
 
 Typical use::
 
@@ -21,10 +24,28 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hasched.errors import HaschedError
-from hasched.search.algorithms import GAConfig, GeneticAlgorithm, RandomSearch, RandomSearchConfig
-from hasched.search.core.problem import FunctionProblem, PermutationProblem, evaluate_population
+from hasched.search.algorithms import (
+    CMAES,
+    CMAConfig,
+    CriticalityConfig,
+    CriticalitySearch,
+    GAConfig,
+    GeneticAlgorithm,
+    HybridConfig,
+    HybridSearch,
+    RandomSearch,
+    RandomSearchConfig,
+)
+from hasched.search.core.loop import RateProbe, SearchLoop, StepInfo
+from hasched.search.core.problem import (
+    FunctionProblem,
+    ModelAwareProblem,
+    PermutationProblem,
+    evaluate_population,
+)
 from hasched.search.core.registry import (
     Searcher,
+    budget_options,
     create_searcher,
     list_searchers,
     register_searcher,
@@ -76,15 +97,26 @@ def best_of(results: Sequence[SearchResult]) -> SearchResult:
 
 
 __all__ = [
+    "CMAConfig",
+    "CMAES",
+    "CriticalityConfig",
+    "CriticalitySearch",
     "FunctionProblem",
     "GAConfig",
     "GeneticAlgorithm",
+    "HybridConfig",
+    "HybridSearch",
+    "ModelAwareProblem",
     "PermutationProblem",
     "RandomSearch",
     "RandomSearchConfig",
+    "RateProbe",
+    "SearchLoop",
     "SearchResult",
+    "StepInfo",
     "Searcher",
     "best_of",
+    "budget_options",
     "create_searcher",
     "evaluate_population",
     "list_searchers",

@@ -246,7 +246,8 @@ class FaultyEvaluator:
     # -------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def score_sum(self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, *,
+                  rates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Summed per-image metric for every schedule and repeat: ``float64 Tensor[P, repeats]``.
 
         Args:
@@ -254,14 +255,20 @@ class FaultyEvaluator:
                 omitted layers keep the identity order.
             repeats: Independent error instances per schedule.
             generator: Source of every error draw.
+            rates: Instead of ``perms``: layer name -> ``Tensor[P, *slot_rate.shape]`` rate
+                maps per weight row (:meth:`FaultState.configure_rates`), e.g. probes that
+                put one row at a chosen rate and keep the others clean.
         """
         if repeats < 1:
             raise HaschedError(f"repeats must be >= 1, got {repeats}")
+        if perms and rates is not None:
+            raise HaschedError("give schedules or rate maps, not both")
         if perms:
             perms = {k: v.to(self.device) for k, v in perms.items()}
         st: FaultState = self.state
         st.generator = generator
-        pop = st.configure(perms, repeats)
+        pop = st.configure(perms, repeats) if rates is None else st.configure_rates(rates,
+                                                                                    repeats)
         total = torch.zeros(pop, dtype=torch.float64, device=self.device)
         engine = self._incremental()
         self.last_path = "incremental" if engine is not None else (
@@ -296,14 +303,16 @@ class FaultyEvaluator:
             yield i, min(step, self.n_images - i)
 
     def correct(self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, *,
+                rates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Correctly classified images (top-1 metric): ``LongTensor[P, repeats]``."""
-        return torch.round(self.score_sum(perms, repeats, generator)).long()
+        return torch.round(self.score_sum(perms, repeats, generator, rates=rates)).long()
 
     def accuracy(self, perms: dict[str, torch.Tensor] | None = None, repeats: int = 1,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, *,
+                 rates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Mean metric in [0, 1] (top-1 accuracy by default): ``Tensor[P, repeats]``."""
-        return self.score_sum(perms, repeats, generator) / self.n_images
+        return self.score_sum(perms, repeats, generator, rates=rates) / self.n_images
 
 
 def summarize(values: list[float] | torch.Tensor) -> dict:

@@ -106,6 +106,32 @@ class FaultState:
         self.population = P * repeats
         return self.population
 
+    def configure_rates(self, rates: dict[str, torch.Tensor], repeats: int = 1) -> int:
+        """Sets every layer's per-member rates directly; returns ``P * repeats``.
+
+        Unlike :meth:`configure`, the rates need not come from the profile: a model-aware
+        searcher can probe what one weight row costs at a chosen rate with every other row
+        clean (see :class:`hasched.search.core.problem.ModelAwareProblem`). Transient
+        faults only: a chip map's faults are where its faulty PEs are.
+
+        Args:
+            rates: Layer name -> ``Tensor[P, *slot_rate.shape]`` hit probability of every
+                (weight row, site) per member, in [0, 1]; layers not named keep their
+                identity-order rates. All entries need the same ``P``.
+            repeats: Independent error instances per member.
+        """
+        unknown = set(rates) - set(self.layers)
+        if unknown:
+            raise HaschedError(f"rates name layers that are not faulty: {sorted(unknown)}")
+        sizes = {int(v.shape[0]) for v in rates.values()}
+        if len(sizes) != 1:
+            raise HaschedError(f"rate maps need one population size, got {sorted(sizes)}")
+        P = sizes.pop()
+        for name, layer in self.layers.items():
+            layer.configure_rates(rates.get(name), P, repeats)
+        self.population = P * repeats
+        return self.population
+
     def check_called(self, run) -> None:
         """Runs ``run()`` (a forward pass) and raises if a faulty layer was not called."""
         self.calls.clear()
@@ -195,6 +221,23 @@ class FaultyLayer(nn.Module):
             P, *self.slot_pe.shape).repeat_interleave(repeats, 0)
         self.faults = LayerFaults(self.plan, self.arith, self.model, self.site,
                                   rates.repeat_interleave(repeats, 0), pes, self.groups)
+
+    def configure_rates(self, rates: torch.Tensor | None, P: int, repeats: int) -> None:
+        """Per-member rates given directly (see :meth:`FaultState.configure_rates`)."""
+        if self.slot_pe is not None or self.model.permanent:
+            raise HaschedError(f"layer {self.layer_name}: rate maps need a transient fault "
+                               "model (a chip's faults are fixed to its faulty PEs)")
+        if rates is None:
+            rates = self.slot_rate.expand(P, *self.slot_rate.shape)
+        elif tuple(rates.shape[1:]) != tuple(self.slot_rate.shape):
+            raise HaschedError(f"layer {self.layer_name}: rates must be (P, "
+                               f"{', '.join(map(str, self.slot_rate.shape))}), got "
+                               f"{tuple(rates.shape)}")
+        elif not bool(((rates >= 0) & (rates <= 1)).all()):
+            raise HaschedError(f"layer {self.layer_name}: rates must lie in [0, 1]")
+        rates = rates.to(device=self.slot_rate.device, dtype=self.slot_rate.dtype)
+        self.faults = LayerFaults(self.plan, self.arith, self.model, self.site,
+                                  rates.repeat_interleave(repeats, 0), None, self.groups)
 
     groups = 1
 

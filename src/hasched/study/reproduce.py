@@ -150,6 +150,8 @@ def run_reproduce(
     progress: bool = True,
     train: bool = False,
     base: Scenario | None = None,
+    algorithm: str = "ga",
+    options: dict | None = None,
 ) -> list[dict]:
     """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows.
 
@@ -157,7 +159,10 @@ def run_reproduce(
     ``out`` is created (``train`` trains missing checkpoints instead); ``out`` is locked
     against a second writer while the plan runs. ``base`` sets what the cases do not
     (mapping, arithmetic, fault parameters...): e.g. ``Scenario(n_sms=10)`` reruns the
-    cases on the authors' 10-SM configuration.
+    cases on the authors' 10-SM configuration. ``algorithm`` and ``options`` replace the
+    plan's searcher (the paper's GA); another searcher writes its cases under
+    ``out/cases-<algorithm>/`` and ``REPORT-<algorithm>.md``, so plans with different
+    searchers share one output folder.
     """
     base = base or plan_base()
     from hasched.report.search import plot_cases
@@ -165,6 +170,10 @@ def run_reproduce(
     from hasched.zoo.train import require_checkpoint
 
     plan = QUICK if quick else FULL
+    options = dict(options or {})
+    plan = replace(plan, settings=replace(plan.settings, algorithm=algorithm, options=options))
+    cases = "cases" if algorithm == "ga" and not options else f"cases-{algorithm}"
+    suffix = "" if cases == "cases" else f"-{algorithm}"
     log = log or (lambda _m: None)
     out = Path(out)
     check_reproduce_dir(out, quick, base)
@@ -176,18 +185,18 @@ def run_reproduce(
     t0 = time.perf_counter()
     with claim_out_dir(out, {"hasched": "reproduce", "plan": "quick" if quick else "full",
                              "base": base.to_dict()}, log=log):
-        rows = [_run_case(out, plan, k, case, device, models_dir, data_dir, log, progress,
-                          train, base) for k, case in enumerate(plan.cases)]
+        rows = [_run_case(out / cases, plan, k, case, device, models_dir, data_dir, log,
+                          progress, train, base) for k, case in enumerate(plan.cases)]
         plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
                                                                      "random")}} for r in rows],
-                   out / "recovery-cases.png")
+                   out / f"recovery-cases{suffix}.png")
         wall = time.perf_counter() - t0
-        _write_report(out / "REPORT.md", plan, rows, wall, quick)
-    log(f"wrote {out / 'REPORT.md'} ({wall:.0f} s)")
+        _write_report(out / f"REPORT{suffix}.md", plan, rows, wall, quick, cases, suffix)
+    log(f"wrote {out / f'REPORT{suffix}.md'} ({wall:.0f} s)")
     return rows
 
 
-def _run_case(out: Path, plan: Plan, k: int, case: Case, device: str, models_dir, data_dir,
+def _run_case(cases: Path, plan: Plan, k: int, case: Case, device: str, models_dir, data_dir,
               log: Callable[[str], None], progress: bool, train: bool, base: Scenario) -> dict:
     """Every seed combination of one case (each its own resumable search folder)."""
     runs = []
@@ -195,7 +204,7 @@ def _run_case(out: Path, plan: Plan, k: int, case: Case, device: str, models_dir
         for ps in plan.profile_seeds:
             log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
             s = replace(plan.settings, scenario=case.scenario(base, ms, ps), device=device)
-            runs.append(run_has_search(out / "cases" / case.slug / f"ms{ms}_ps{ps}", s,
+            runs.append(run_has_search(cases / case.slug / f"ms{ms}_ps{ps}", s,
                                        models_dir=models_dir, data_dir=data_dir, log=log,
                                        progress=progress, train=train))
     row = {"case": case, "runs": len(runs),
@@ -208,18 +217,24 @@ def _run_case(out: Path, plan: Plan, k: int, case: Case, device: str, models_dir
     return row
 
 
-def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: bool) -> None:
+def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: bool,
+                  cases: str = "cases", suffix: str = "") -> None:
+    st = plan.settings
+    alg = "HAS" if st.algorithm == "ga" else st.algorithm
+    opts = ", ".join(f"{k}={v}" for k, v in st.options.items())
+    searcher = "" if not suffix else f" Searcher: {alg}{f' ({opts})' if opts else ''}."
     lines = [
-        f"# HAS reproduction (paper §5.2){' -- quick' if quick else ''}",
+        f"# HAS reproduction (paper §5.2){' -- quick' if quick else ''}"
+        f"{f' -- {alg}' if suffix else ''}",
         "",
-        f"Plan: {plan.description}.",
+        f"Plan: {plan.description}.{searcher}",
         "",
         "Accuracies are held-out top-1 % with 95% intervals (over seed combinations when "
         "there are several, else over the held-out repeats of the single run). 'Paper' is "
         "what the paper's text reports for the case (it gives no intervals).",
         "",
-        "| case | paper | clean | degraded (identity) | HAS | random (same budget) | "
-        "recovery (points) | HAS - random | runs |",
+        f"| case | paper | clean | degraded (identity) | {alg} | random (same budget) | "
+        f"recovery (points) | {alg} - random | runs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -237,10 +252,11 @@ def _write_report(path: Path, plan: Plan, rows: list[dict], wall: float, quick: 
         f"Search time (summed, including earlier resumed sessions): {secs:.0f} s; this "
         f"invocation's wall time: {wall:.0f} s.",
         "",
-        "![recovery per case](recovery-cases.png)",
+        f"![recovery per case](recovery-cases{suffix}.png)",
         "",
         "Per-run folders (summary.json, schedule.json, history.csv, convergence.png, "
-        "recovery.png, summary.md) are under `cases/<case>/ms<model seed>_ps<profile seed>/`.",
+        f"recovery.png, summary.md) are under `{cases}/<case>/ms<model seed>_ps<profile "
+        "seed>/`.",
         "",
     ]
     atomic_write(path, "\n".join(lines))

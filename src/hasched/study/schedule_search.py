@@ -3,12 +3,15 @@
 :func:`run_has_search` is what ``hasched search`` (and the demo) call. It
 
 1. loads the search images and the disjoint held-out images (overlap is an error);
-2. runs the searcher (``"ga"``, the paper's, or ``"random"``) ``runs`` times on the search
-   images; the fitness of a schedule is its mean top-1 accuracy over ``repeats`` fresh error
-   instances (:class:`ScheduleProblem`, one batched call per population);
-3. runs random search with, per run, exactly the number of fitness evaluations the GA used;
-4. evaluates clean, identity (unshuffled, the reference), the HAS best and the random best
-   on the held-out images with fresh error instances, ``holdout_repeats`` times each;
+2. runs the searcher (any registered one: ``"ga"``, the paper's HAS, ``"criticality"``,
+   ``"hybrid"``, ``"cma"``, ``"random"``) ``runs`` times on the search images; the fitness
+   of a schedule is its mean top-1 accuracy over ``repeats`` fresh error instances
+   (:class:`ScheduleProblem`, one batched call per population);
+3. runs random search with, per run, exactly the number of fitness evaluations the main
+   searcher used (unless ``random_baseline`` is off);
+4. evaluates clean, identity (unshuffled, the reference), the searched best (key ``has``)
+   and the random best on the held-out images with fresh error instances,
+   ``holdout_repeats`` times each;
 5. writes ``config.json``, ``schedule.json`` (loadable by ``hasched evaluate --schedule``),
    ``schedule-random.json``, ``history.csv``, ``convergence.png``, ``recovery.png``,
    ``summary.md`` and, last, ``summary.json``.
@@ -30,7 +33,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,19 +41,21 @@ import torch
 from hasched.errors import HaschedError
 from hasched.io import atomic_write, check_out_dir, claim_out_dir, read_json, require
 from hasched.search import (
-    GAConfig,
-    PermutationProblem,
+    ModelAwareProblem,
     RandomSearchConfig,
     SearchResult,
     best_of,
+    budget_options,
     create_searcher,
+    list_searchers,
 )
 from hasched.seeds import derive_seed
 from hasched.sim.evaluator import FaultyEvaluator, summarize
 from hasched.study.scenario import Scenario
 
 __all__ = ["SearchSettings", "ScheduleProblem", "check_demo_dir", "check_disjoint",
-           "check_search_dir", "prepare_search", "run_has_search"]
+           "check_search_dir", "demo_search_dir", "prepare_search", "run_has_search"]
+
 
 def mix_seed(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (see :func:`hasched.seeds.derive_seed`)."""
@@ -65,15 +70,22 @@ class SearchSettings:
         scenario: What runs where and what goes wrong (model, the searched layer group,
             mapping, arithmetic, faults); ``scenario.repeats`` error instances per fitness
             evaluation (paper: 3); its ``images`` are replaced by the two ranges below.
-        algorithm: ``"ga"`` (HAS) or ``"random"``.
-        population, generations: GA size (random search gets ``population`` *
-            (``generations`` + 1) evaluations when it is the main algorithm).
+        algorithm: any registered searcher (:func:`hasched.search.list_searchers`).
+        population, generations: the budget, mapped onto the searcher's config by
+            :func:`hasched.search.budget_options` (GA size; random search and CMA-ES get
+            ``population * (generations + 1)`` evaluations; criticality ignores it).
         runs: independent runs; the best on the search images is kept (paper: 3).
         search_images, holdout_images: disjoint test-image ranges (``A:B`` etc.).
         holdout_repeats: fresh error instances on the held-out images.
         search_seed: run ``i`` is seeded with ``search_seed + i``.
         holdout_seed: seed of the held-out error instances.
         device: ``cpu``, ``cuda`` or ``auto`` (not part of the resume check).
+        options: more config fields of the searcher, e.g. ``{"noise": "mean"}``.
+        random_baseline: also run random search at each run's budget (off: saves up to
+            half the time when random search runs separately, e.g. in ``compare``).
+        plan_profile: the transient profile model-aware searchers plan with (slot
+            exposure, probe rate), e.g. one estimated by ``hasched diagnose``; fitness and
+            held-out accuracy always run on the scenario's own faults. ``None``: the same.
     """
 
     scenario: Scenario = Scenario()
@@ -87,10 +99,15 @@ class SearchSettings:
     search_seed: int = 0
     holdout_seed: int = 20240101
     device: str = "cpu"
+    options: dict = field(default_factory=dict)
+    random_baseline: bool = True
+    plan_profile: str | None = None
 
     def __post_init__(self) -> None:
-        if self.algorithm not in ("ga", "random"):
-            raise HaschedError(f"--algorithm must be ga or random, got {self.algorithm!r}")
+        if self.algorithm not in list_searchers():
+            raise HaschedError(f"--algorithm must be one of {', '.join(list_searchers())}, "
+                               f"got {self.algorithm!r}")
+        self.searcher()  # fail on a bad option before any loading or training
         for name, low in (("population", 2), ("generations", 0), ("runs", 1),
                           ("holdout_repeats", 2)):
             if getattr(self, name) < low:
@@ -118,37 +135,78 @@ class SearchSettings:
         return self.scenario.repeats
 
     def key(self) -> dict:
-        """The settings a resumed run must share with the original one."""
+        """The settings a resumed run must share with the original one.
+
+        Fields added later are left out at their defaults, so folders written before
+        they existed still resume.
+        """
         d = dataclasses.asdict(self)
         d.pop("device")
         d["scenario"] = self.scenario.to_dict()
+        for name, default in (("options", {}), ("random_baseline", True),
+                              ("plan_profile", None)):
+            if d[name] == default:
+                d.pop(name)
         return d
 
+    def searcher(self):
+        """The configured searcher (the common budget plus ``options``)."""
+        return create_searcher(self.algorithm, {**budget_options(
+            self.algorithm, self.population, self.generations), **self.options})
 
-class ScheduleProblem(PermutationProblem):
+
+class ScheduleProblem(ModelAwareProblem):
     """Fitness of schedules = mean accuracy over ``repeats`` fresh error instances.
 
-    The error draws of each ``evaluate`` call come from a generator seeded with
-    ``(seed, individuals evaluated so far)``: every call sees fresh instances, the sequence is
-    reproducible from ``seed``, and a resumed run (``evaluated`` restored from its
-    checkpoint) continues the exact sequence of the uninterrupted one.
+    The error draws of each ``evaluate`` (or ``evaluate_rates``) call come from a generator
+    seeded with ``(seed, individuals evaluated so far)``: every call sees fresh instances,
+    the sequence is reproducible from ``seed``, and a resumed run (``evaluated`` restored
+    from its checkpoint) continues the exact sequence of the uninterrupted one.
+
+    Model-aware searchers see the slot rates of ``plan`` (default: ``ev`` itself), so a
+    schedule can be planned from an estimated profile and scored on the real chip.
 
     Args:
         ev: evaluator on the search images, its faulty layers are the searched ones.
         repeats: error instances per schedule.
         seed: seed of this run's fitness noise.
         evaluated: individuals already evaluated (when resuming).
+        plan: evaluator (any images) whose profile model-aware searchers plan with.
     """
 
-    def __init__(self, ev: FaultyEvaluator, repeats: int, seed: int, evaluated: int = 0) -> None:
+    def __init__(self, ev: FaultyEvaluator, repeats: int, seed: int, evaluated: int = 0,
+                 plan: FaultyEvaluator | None = None) -> None:
         super().__init__(ev.rows)
         self.ev, self.repeats, self.seed, self.evaluated = ev, repeats, seed, evaluated
+        self.plan = plan or ev
+        if self.plan.rows != ev.rows:
+            raise HaschedError(f"plan evaluator rows {self.plan.rows} differ from {ev.rows}")
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator(device=self.ev.device).manual_seed(
+            mix_seed(self.seed, self.evaluated))
 
     def evaluate(self, perms: dict[str, torch.Tensor]) -> torch.Tensor:
-        g = torch.Generator(device=self.ev.device).manual_seed(mix_seed(self.seed, self.evaluated))
-        acc = self.ev.accuracy(perms, repeats=self.repeats, generator=g)  # (P, repeats)
+        acc = self.ev.accuracy(perms, repeats=self.repeats, generator=self._generator())
+        self.evaluated += acc.shape[0]  # acc: (P, repeats)
+        return acc.mean(1)
+
+    def evaluate_rates(self, rates: dict[str, torch.Tensor]) -> torch.Tensor:
+        rates = {k: v.to(self.ev.device) for k, v in rates.items()}
+        acc = self.ev.accuracy(repeats=self.repeats, generator=self._generator(), rates=rates)
         self.evaluated += acc.shape[0]
         return acc.mean(1)
+
+    def slot_rates(self) -> dict[str, torch.Tensor]:
+        return {n: lay.slot_rate.detach().double().cpu()
+                for n, lay in self.plan.state.layers.items()}
+
+    def slot_exposure(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().double().cpu() for k, v in self.plan.slot_exposure().items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: lay.weight.detach().reshape(lay.rows, -1).cpu()
+                for n, lay in self.ev.state.layers.items()}
 
 
 def check_disjoint(search: dict, holdout: dict) -> None:
@@ -171,15 +229,16 @@ def _ckpt_progress(path: Path) -> tuple[int, int]:
 
 
 def _run_one(searcher, ev, s: SearchSettings, run_seed: int, stream: int, ckpt: Path,
-             total: int, label: str, progress: bool) -> SearchResult:
+             label: str, progress: bool, plan: FaultyEvaluator | None = None) -> SearchResult:
     from tqdm import tqdm
 
     done_evals, done_steps = _ckpt_progress(ckpt)
-    problem = ScheduleProblem(ev, s.repeats, mix_seed(stream, run_seed), done_evals)
-    with tqdm(total=total, initial=done_steps, desc=label, file=sys.stderr, unit="gen",
+    problem = ScheduleProblem(ev, s.repeats, mix_seed(stream, run_seed), done_evals, plan)
+    with tqdm(initial=done_steps, desc=label, file=sys.stderr, unit="step",
               disable=not progress, leave=False) as bar:
         def cb(h: dict) -> None:
-            bar.set_postfix(best=f"{h['best_fitness']:.4f}", evals=h["evaluations"])
+            if h["best_fitness"] is not None:  # None after a probe step
+                bar.set_postfix(best=f"{h['best_fitness']:.4f}", evals=h["evaluations"])
             bar.update(1)
 
         return searcher.run(problem, run_seed, cb, ckpt)
@@ -216,8 +275,14 @@ def check_search_dir(out: str | Path, s: SearchSettings) -> bool:
     return check_out_dir(out, what="search", compatible=compatible)
 
 
+def demo_search_dir(out: str | Path, s: SearchSettings) -> Path:
+    """Where the demo's search goes: ``search/`` for the GA (as before), else
+    ``search-<algorithm>/``, so a demo folder of an older hasched stays resumable."""
+    return Path(out) / ("search" if s.algorithm == "ga" else f"search-{s.algorithm}")
+
+
 def check_demo_dir(out: str | Path, s: SearchSettings) -> bool:
-    """The output-folder policy of ``hasched demo`` (its folder and its ``search/``).
+    """The output-folder policy of ``hasched demo`` (its folder and its search folder).
 
     A demo folder of an older hasched (only ``models/`` and ``search/``) counts as ours.
     """
@@ -228,7 +293,7 @@ def check_demo_dir(out: str | Path, s: SearchSettings) -> bool:
 
     resumed = check_out_dir(out, what="demo", compatible=compatible,
                             legacy=lambda names: set(names) <= {"models", "search"})
-    check_search_dir(Path(out) / "search", s)
+    check_search_dir(demo_search_dir(out, s), s)
     return resumed
 
 
@@ -300,53 +365,80 @@ def run_has_search(
                   progress=progress, train=train)
         ev = build_evaluator(scn.replace(images=s.search_images), data=data_s, **kw)
         ev_h = build_evaluator(scn.replace(images=s.holdout_images), data=data_h, **kw)
-        main, rand, seeds = _search(out, s, ev, progress, log)
-        results = _holdout(s, ev, ev_h, best_of(main), best_of(rand))
+        plan = None
+        if s.plan_profile is not None:  # one image is enough: only its slot rates are read
+            plan = build_evaluator(scn.replace(images=s.search_images, profile=s.plan_profile),
+                                   data=(data_s[0][:1], data_s[1][:1], data_s[2]), **kw)
+        main, rand, seeds = _search(out, s, ev, progress, log, plan)
+        results = _holdout(s, ev, ev_h, best_of(main), best_of(rand) if rand else None)
         summary = _write_outputs(out, s, ev, data_s, data_h, dev, main, rand, seeds, results, t0)
     r = summary["results"]
+    rnd = f" | random {r['random']['mean']:.4f}" if r["random"] else ""
     log(f"held-out ({ev_h.n_images} images, {s.holdout_repeats} repeats): clean "
-        f"{r['clean']['mean']:.4f} | identity {r['identity']['mean']:.4f} | HAS "
-        f"{r['has']['mean']:.4f} | random {r['random']['mean']:.4f} -> {out}")
+        f"{r['clean']['mean']:.4f} | identity {r['identity']['mean']:.4f} | {s.algorithm} "
+        f"{r['has']['mean']:.4f}{rnd} -> {out}")
     return summary
 
 
 def _search(out: Path, s: SearchSettings, ev: FaultyEvaluator, progress: bool,
-            log: Callable[[str], None]) -> tuple[list[SearchResult], list[SearchResult], list]:
+            log: Callable[[str], None], plan: FaultyEvaluator | None = None
+            ) -> tuple[list[SearchResult], list[SearchResult], list]:
     """The main searcher's runs and random search at the same budget, run by run."""
     seeds = [s.search_seed + i for i in range(s.runs)]
     ckdir = out / "ckpt"
-    if s.algorithm == "ga":
-        ga = create_searcher("ga", GAConfig(population=s.population, generations=s.generations))
-        main = [_run_one(ga, ev, s, sd, 1, ckdir / f"run{i}.pt", s.generations + 1,
-                         f"ga run {i + 1}/{s.runs}", progress) for i, sd in enumerate(seeds)]
-    else:
-        main = []
-    # Random search: per run, the GA's actual number of evaluations (or the GA's maximum).
+    main = []
+    if s.algorithm != "random":
+        searcher = s.searcher()
+        main = [_run_one(searcher, ev, s, sd, 1, ckdir / f"run{i}.pt",
+                         f"{s.algorithm} run {i + 1}/{s.runs}", progress, plan)
+                for i, sd in enumerate(seeds)]
+    # Random search: per run, the main searcher's actual number of evaluations (or the
+    # whole budget when random search is the main searcher).
     rand = []
-    for i, sd in enumerate(seeds):
+    for i, sd in enumerate(seeds if s.random_baseline or not main else []):
         budget = main[i].evaluations if main else s.population * (s.generations + 1)
         rs = create_searcher("random", RandomSearchConfig(evaluations=budget, batch=s.population))
         rand.append(_run_one(rs, ev, s, sd, 2, ckdir / f"random{i}.pt",
-                             -(-budget // s.population), f"random run {i + 1}/{s.runs}", progress))
+                             f"random run {i + 1}/{s.runs}", progress))
     main = main or rand
-    log(f"search done: best fitness {best_of(main).best_fitness:.4f} ({s.algorithm}), random "
-        f"{best_of(rand).best_fitness:.4f}, {sum(r.evaluations for r in main)} evaluations")
+    log(f"search done: best fitness {best_of(main).best_fitness:.4f} ({s.algorithm}), "
+        f"{sum(r.evaluations for r in main)} evaluations")
     return main, rand, seeds
 
 
 def _holdout(s: SearchSettings, ev: FaultyEvaluator, ev_h: FaultyEvaluator,
-             best: SearchResult, rbest: SearchResult) -> dict:
-    """Identity, HAS best and random best on the held-out images, in one batched call."""
-    ident = {k: torch.arange(n) for k, n in ev.rows.items()}
-    perms = {k: torch.stack([ident[k], best.best[k], rbest.best[k]]) for k in ev.rows}
+             best: SearchResult, rbest: SearchResult | None) -> dict:
+    """Identity, searched best and random best on the held-out images, in one batched call."""
+    found = [best] + ([rbest] if rbest is not None else [])
+    perms = {k: torch.stack([torch.arange(n)] + [r.best[k] for r in found])
+             for k, n in ev.rows.items()}
     g = torch.Generator(device=ev_h.device).manual_seed(s.holdout_seed)
-    acc = ev_h.accuracy(perms, repeats=s.holdout_repeats, generator=g).tolist()  # (3, R)
+    acc = ev_h.accuracy(perms, repeats=s.holdout_repeats, generator=g).tolist()  # (2|3, R)
     n_h = ev_h.n_images
     clean = ev_h.clean_accuracy
     return {
         "clean": {"mean": clean, "std": 0.0, "ci95": [clean, clean], "repeats": 1,
                   "images": n_h, "values": [clean]},
-        "identity": _stats(acc[0], n_h), "has": _stats(acc[1], n_h), "random": _stats(acc[2], n_h),
+        "identity": _stats(acc[0], n_h), "has": _stats(acc[1], n_h),
+        "random": _stats(acc[2], n_h) if rbest is not None else None,
+    }
+
+
+def _search_summary(s: SearchSettings, main: list[SearchResult],
+                    rand: list[SearchResult]) -> dict:
+    best = best_of(main)
+    return {
+        "algorithm": s.algorithm,
+        "best_fitness": best.best_fitness,
+        "random_best_fitness": best_of(rand).best_fitness if rand else None,
+        "run_best_fitness": [r.best_fitness for r in main],
+        "evaluations": [r.evaluations for r in main],
+        "error_instances": [r.evaluations * s.repeats for r in main],
+        "random_evaluations": [r.evaluations for r in rand],
+        "run_seconds": [r.seconds for r in main],
+        "search_seconds": sum(r.seconds for r in main) + (
+            sum(r.seconds for r in rand) if main is not rand else 0.0),
+        "info": best.info,
     }
 
 
@@ -358,9 +450,7 @@ def _write_outputs(out: Path, s: SearchSettings, ev: FaultyEvaluator, data_s, da
     from hasched.study.build import save_schedule
 
     scn = s.scenario
-    best, rbest = best_of(main), best_of(rand)
-    search_seconds = sum(r.seconds for r in main) + (sum(r.seconds for r in rand)
-                                                     if main is not rand else 0.0)
+    best, rbest = best_of(main), (best_of(rand) if rand else None)
     lost = results["clean"]["mean"] - results["identity"]["mean"]
     gained = results["has"]["mean"] - results["identity"]["mean"]
     meta = {"model": scn.model, "seed": scn.seed, "layers": ev.layers, "error": scn.fault,
@@ -370,10 +460,12 @@ def _write_outputs(out: Path, s: SearchSettings, ev: FaultyEvaluator, data_s, da
             "checkpoint": {k: ev.info["checkpoint"].get(k) for k in ("test_accuracy", "epochs")}}
     save_schedule(out / "schedule.json", best.best, **meta, fitness=best.best_fitness,
                   holdout_accuracy=results["has"]["mean"])
-    save_schedule(out / "schedule-random.json", rbest.best, **{**meta, "algorithm": "random"},
-                  fitness=rbest.best_fitness, holdout_accuracy=results["random"]["mean"])
+    if rbest is not None:
+        save_schedule(out / "schedule-random.json", rbest.best,
+                      **{**meta, "algorithm": "random"}, fitness=rbest.best_fitness,
+                      holdout_accuracy=results["random"]["mean"])
     rows = _history_rows(s.algorithm, main, seeds)
-    if main is not rand:
+    if main is not rand and rand:
         rows += _history_rows("random", rand, seeds)
     text = io.StringIO(newline="")
     w = csv.DictWriter(text, ["algorithm", "run", "seed", "generation", "evaluations",
@@ -388,14 +480,9 @@ def _write_outputs(out: Path, s: SearchSettings, ev: FaultyEvaluator, data_s, da
         "results": results,
         "degradation": lost, "recovery": gained,
         "recovered_fraction": gained / lost if lost > 0 else None,
-        "has_minus_random": results["has"]["mean"] - results["random"]["mean"],
-        "search": {
-            "best_fitness": best.best_fitness, "random_best_fitness": rbest.best_fitness,
-            "run_best_fitness": [r.best_fitness for r in main],
-            "evaluations": [r.evaluations for r in main],
-            "random_evaluations": [r.evaluations for r in rand],
-            "search_seconds": search_seconds,
-        },
+        "has_minus_random": (results["has"]["mean"] - results["random"]["mean"]
+                             if rbest is not None else None),
+        "search": _search_summary(s, main, rand),
         "wall_seconds": time.perf_counter() - t0,
     }
     plot_convergence(rows, out / "convergence.png",

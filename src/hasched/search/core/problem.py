@@ -5,6 +5,10 @@ layer name to ``n``, the number of rows of that layer's multiplier matrix. Evalu
 population-first, like pymoo's ``Problem._evaluate(X, out)`` or evotorch's
 ``_evaluate_batch``: a whole population arrives at once, so an implementation can run one
 batched forward pass instead of ``P`` small ones.
+
+A :class:`ModelAwareProblem` also exposes what model-aware searchers (``criticality``,
+``hybrid``) plan with: the fault rate every slot sees, the weights, and a cheap batched
+evaluation of arbitrary per-row rate maps (probes).
 """
 
 from __future__ import annotations
@@ -101,4 +105,53 @@ def evaluate_population(problem: PermutationProblem, perms: Perms) -> torch.Tens
         )
     if torch.isnan(out).any():
         raise HaschedError("problem.evaluate returned NaN fitness")
+    return out
+
+
+class ModelAwareProblem(PermutationProblem):
+    """A permutation problem that also shows the hardware and the model.
+
+    Subclasses implement :meth:`slot_rates` and :meth:`evaluate_rates`; the fault
+    simulator's :class:`hasched.study.schedule_search.ScheduleProblem` is one.
+    """
+
+    @abc.abstractmethod
+    def slot_rates(self) -> dict[str, torch.Tensor]:
+        """Fault rate of every partial-product site of every slot:
+        ``{layer: float64 Tensor[rows, ...]}`` (``[rows, n_k]`` K-blocks for GPU tiles)."""
+
+    def slot_exposure(self) -> dict[str, torch.Tensor]:
+        """Summed rate a slot's row sees across its K-blocks: ``{layer: Tensor[rows]}``."""
+        return {k: v.reshape(v.shape[0], -1).sum(1) for k, v in self.slot_rates().items()}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """``{layer: Tensor[rows, K]}`` weight matrices; optional (default: refused)."""
+        raise HaschedError(f"{type(self).__name__} does not expose its weights")
+
+    @abc.abstractmethod
+    def evaluate_rates(self, rates: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Score ``P`` rate maps at once (fresh error draws, like :meth:`evaluate`).
+
+        Args:
+            rates: ``{layer: Tensor[P, *slot_rates()[layer].shape]}``, the rate of every
+                (weight row, site) per member; layers not named keep their identity-order
+                rates.
+
+        Returns:
+            ``Tensor[P]`` fitness, higher is better.
+        """
+
+
+def evaluate_rate_maps(problem: ModelAwareProblem, rates: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Call ``problem.evaluate_rates`` once and check the result like
+    :func:`evaluate_population` does (float64 CPU ``Tensor[P]``, no NaN)."""
+    pop = int(next(iter(rates.values())).shape[0])
+    out = problem.evaluate_rates({k: v.clone() for k, v in rates.items()})
+    out = torch.as_tensor(out).detach().to(device="cpu", dtype=torch.float64)
+    if out.shape != (pop,):
+        raise HaschedError(
+            f"problem.evaluate_rates must return a tensor of shape ({pop},), "
+            f"got {tuple(out.shape)}")
+    if torch.isnan(out).any():
+        raise HaschedError("problem.evaluate_rates returned NaN fitness")
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -29,6 +29,7 @@ class Searcher(Protocol):
         checkpoint: Path | None = None,
         *,
         stop_after: int | None = None,
+        hooks: Sequence[Callable[[Any], None]] = (),
     ) -> SearchResult: ...
 
 
@@ -39,7 +40,9 @@ SEARCHERS: Registry[type] = Registry("searcher")
 def register_searcher(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator: make a searcher constructible by ``create_searcher(name)``.
 
-    The class needs a ``config_cls`` (a dataclass with defaults) and ``__init__(config)``.
+    The class needs a ``config_cls`` (a dataclass with defaults) and ``__init__(config)``;
+    subclassing :class:`hasched.search.core.loop.SearchLoop` provides both the latter and
+    ``run``.
     """
 
     def deco(cls: type[T]) -> type[T]:
@@ -84,3 +87,18 @@ def create_searcher(name: str, config: Any = None) -> Searcher:
             f"searcher {name!r} takes a {cfg_cls.__name__}, got {type(config).__name__}"
         )
     return cls(config)
+
+
+def budget_options(name: str, population: int, generations: int) -> dict:
+    """A common budget expressed in the fields a searcher's config has.
+
+    Pipelines size every searcher with one ``population x (generations + 1)`` budget
+    without knowing its config: ``population``, ``generations`` and ``batch`` are set
+    where the config has such fields, ``evaluations`` to ``population * (generations + 1)``.
+    Searchers with none of these (e.g. ``criticality``, whose cost is set by the rows)
+    get nothing.
+    """
+    fields = {f.name for f in dataclasses.fields(SEARCHERS.get(name).config_cls)}
+    offered = {"population": population, "generations": generations, "batch": population,
+               "evaluations": population * (generations + 1)}
+    return {k: v for k, v in offered.items() if k in fields}
