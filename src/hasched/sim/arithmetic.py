@@ -29,7 +29,8 @@ from hasched.registry import Registry
 from hasched.sim.multipliers import Multiplier, create_multiplier, lut_bits_needed
 
 __all__ = ["Word", "Arithmetic", "Fp32", "Int8", "LayerArith", "ARITHMETICS",
-           "create_arithmetic", "PINNED_SCALE_ATTR", "int8_weight_scales", "pin_int8_scales"]
+           "create_arithmetic", "PINNED_SCALE_ATTR", "PINNED_ABSMAX_ATTR", "int8_weight_scales",
+           "pin_int8_scales"]
 
 ARITHMETICS: Registry[type] = Registry("arithmetic")
 _GATHER_CHUNK = 1 << 23  # elements of one LUT-gather temporary
@@ -37,6 +38,9 @@ _GATHER_CHUNK = 1 << 23  # elements of one LUT-gather temporary
 # edited in the int8 domain (pruned, retuned, fine-tuned) keep the scales they were
 # quantised with instead of being re-quantised to a new ``max |W[r]|``.
 PINNED_SCALE_ATTR = "int8_weight_scale"
+# Likewise a fixed ``max |input|`` (float) of the layer: the activation scale the deployed
+# int8 model was calibrated with (see :mod:`hasched.sim.probe`).
+PINNED_ABSMAX_ATTR = "int8_input_absmax"
 
 
 def int8_weight_scales(weight: torch.Tensor) -> torch.Tensor:
@@ -44,12 +48,15 @@ def int8_weight_scales(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().double().abs().amax(1).clamp(min=1e-12) / 127.0
 
 
-def pin_int8_scales(module: torch.nn.Module) -> torch.Tensor:
-    """Fixes a layer's int8 weight scales at their current values (once; returns them)."""
+def pin_int8_scales(module: torch.nn.Module, in_absmax: float | None = None) -> torch.Tensor:
+    """Fixes a layer's int8 weight scales at their current values (once; returns them) and,
+    when given, its input range ``in_absmax`` (once)."""
     scale = getattr(module, PINNED_SCALE_ATTR, None)
     if scale is None:
         scale = int8_weight_scales(module.weight.reshape(module.weight.shape[0], -1))
         setattr(module, PINNED_SCALE_ATTR, scale)
+    if in_absmax is not None and getattr(module, PINNED_ABSMAX_ATTR, None) is None:
+        setattr(module, PINNED_ABSMAX_ATTR, float(in_absmax))
     return scale
 
 
