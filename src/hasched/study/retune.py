@@ -90,7 +90,24 @@ class RetuneSettings:
 
 
 def load_chips(s: RetuneSettings) -> list[tuple[str, ChipMap]]:
-    """``[(name, chip)]``: the files (checked against the mapping) or the sampled chips."""
+    """``[(name, chip)]``: the files (checked against the mapping) or the sampled chips.
+
+    Raises:
+        HaschedError: a missing or malformed file, a chip for another PE grid, or a fault
+            site that a chosen method cannot handle (retune needs product faults).
+    """
+    chips = _chips(s)
+    mapping = s.scenario.mapping_obj()
+    if any(m.startswith("retune") for m in s.methods):
+        for name, chip in chips:
+            site = mapping.check_site(chip.site)
+            if site != "product":
+                raise HaschedError(f"chip {name}: its faults sit at the {site} site; retune "
+                                   "maps weights through faulty products (site=product)")
+    return chips
+
+
+def _chips(s: RetuneSettings) -> list[tuple[str, ChipMap]]:
     mapping = s.scenario.mapping_obj()
     if s.chips:
         out = []
