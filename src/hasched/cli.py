@@ -506,6 +506,7 @@ def _demo(out: Path, s, train_epochs: int, models_dir: Path, data_dir: Path | No
 app.command()(compare)
 app.command()(export)
 app.command()(diagnose)
+from hasched import cli_faltune  # noqa: E402,F401
 
 # New commands go above this line.
 

@@ -29,10 +29,35 @@ from hasched.registry import Registry
 from hasched.sim.multipliers import Multiplier, create_multiplier, lut_bits_needed
 
 __all__ = ["Word", "Arithmetic", "Fp32", "Int8", "LayerArith", "ARITHMETICS",
-           "create_arithmetic"]
+           "create_arithmetic", "PINNED_SCALE_ATTR", "PINNED_ABSMAX_ATTR", "int8_weight_scales",
+           "pin_int8_scales"]
 
 ARITHMETICS: Registry[type] = Registry("arithmetic")
 _GATHER_CHUNK = 1 << 23  # elements of one LUT-gather temporary
+# A module attribute holding fixed per-row int8 weight scales (float64 ``(R,)``): weights
+# edited in the int8 domain (pruned, retuned, fine-tuned) keep the scales they were
+# quantised with instead of being re-quantised to a new ``max |W[r]|``.
+PINNED_SCALE_ATTR = "int8_weight_scale"
+# Likewise a fixed ``max |input|`` (float) of the layer: the activation scale the deployed
+# int8 model was calibrated with (see :mod:`hasched.sim.probe`).
+PINNED_ABSMAX_ATTR = "int8_input_absmax"
+
+
+def int8_weight_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Symmetric per-row scales ``max |W[r]| / 127`` (float64 ``(R,)``) of ``(R, K)`` weights."""
+    return weight.detach().double().abs().amax(1).clamp(min=1e-12) / 127.0
+
+
+def pin_int8_scales(module: torch.nn.Module, in_absmax: float | None = None) -> torch.Tensor:
+    """Fixes a layer's int8 weight scales at their current values (once; returns them) and,
+    when given, its input range ``in_absmax`` (once)."""
+    scale = getattr(module, PINNED_SCALE_ATTR, None)
+    if scale is None:
+        scale = int8_weight_scales(module.weight.reshape(module.weight.shape[0], -1))
+        setattr(module, PINNED_SCALE_ATTR, scale)
+    if in_absmax is not None and getattr(module, PINNED_ABSMAX_ATTR, None) is None:
+        setattr(module, PINNED_ABSMAX_ATTR, float(in_absmax))
+    return scale
 
 
 @dataclass(frozen=True)
@@ -50,12 +75,15 @@ class Arithmetic(ABC):
     needs_calibration: bool = False
 
     @abstractmethod
-    def layer(self, weight: torch.Tensor, in_absmax: float | None) -> LayerArith:
+    def layer(self, weight: torch.Tensor, in_absmax: float | None,
+              w_scale: torch.Tensor | None = None) -> LayerArith:
         """Numbers of one layer.
 
         Args:
             weight: ``(R, K)`` float weights in PyTorch's reduction order.
             in_absmax: ``max |x|`` of the layer's input over calibration data (int8).
+            w_scale: Pinned per-row int8 weight scales (see :data:`PINNED_SCALE_ATTR`), or
+                ``None`` to derive them from ``weight``.
         """
 
     @abstractmethod
@@ -70,7 +98,8 @@ class Fp32(Arithmetic):
 
     name = "fp32"
 
-    def layer(self, weight: torch.Tensor, in_absmax: float | None) -> LayerArith:
+    def layer(self, weight: torch.Tensor, in_absmax: float | None,
+              w_scale: torch.Tensor | None = None) -> LayerArith:
         return LayerArith(self, weight.detach().float(), None, None, None)
 
     def spec(self) -> str:
@@ -91,11 +120,18 @@ class Int8(Arithmetic):
         if isinstance(self.multiplier, str):
             object.__setattr__(self, "multiplier", create_multiplier(self.multiplier))
 
-    def layer(self, weight: torch.Tensor, in_absmax: float | None) -> LayerArith:
+    def layer(self, weight: torch.Tensor, in_absmax: float | None,
+              w_scale: torch.Tensor | None = None) -> LayerArith:
         if in_absmax is None:
             raise HaschedError("int8 arithmetic needs calibration data for activation scales")
         w = weight.detach().double()
-        s_w = w.abs().amax(1).clamp(min=1e-12) / 127.0  # (R,)
+        if w_scale is None:
+            s_w = int8_weight_scales(w)  # (R,)
+        else:
+            s_w = w_scale.detach().double().to(w.device).reshape(-1)
+            if s_w.shape[0] != w.shape[0] or not bool((s_w > 0).all()):
+                raise HaschedError(f"pinned int8 weight scales: need {w.shape[0]} positive "
+                                   f"values, got {tuple(w_scale.shape)}")
         wq = torch.round(w / s_w[:, None]).clamp_(-127, 127)  # (R, K) integer-valued
         s_x = max(float(in_absmax), 1e-12) / 127.0
         return LayerArith(self, wq.float(), s_w.float(), s_x, self.multiplier)

@@ -29,7 +29,32 @@ from hasched.sim.layers import gemm_shape_of
 from hasched.sim.mapping import Mapping
 from hasched.sim.profile import ChipMap
 
-__all__ = ["faulty_weight_masks", "apply_masks"]
+__all__ = ["weight_pes", "faulty_weight_masks", "apply_masks"]
+
+
+def weight_pes(module: nn.Module, mapping: Mapping, perm: torch.Tensor | None = None,
+               spatial: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The flat PE index that holds every weight of one layer (weight-shaped LongTensor).
+
+    Args:
+        module: A Linear or convolution. mapping: Where its GEMM runs (``gpu-tiles``: the
+            thread that computes the weight's K-block).
+        perm: Optional schedule ``LongTensor[rows]`` with ``perm[slot] = row``.
+        spatial: For a Linear fed by a flattened ``(C, H, W)`` map, that shape.
+    """
+    plan = mapping.plan(gemm_shape_of(module, spatial))
+    pe = plan.pe_pos.expand(plan.rows, plan.n_chains, plan.chain).reshape(plan.rows, -1)
+    slot_pe = pe[:, :plan.k]  # (rows, K) in the mapping's K order, per slot
+    if perm is not None:  # row perm[s] runs in slot s
+        by_row = torch.empty_like(slot_pe)
+        by_row[perm.reshape(-1)] = slot_pe
+    else:
+        by_row = slot_pe
+    if plan.k_perm is not None:  # back to PyTorch's reduction order
+        unperm = torch.empty_like(by_row)
+        unperm[:, plan.k_perm] = by_row
+        by_row = unperm
+    return by_row.reshape(module.weight.shape).to(module.weight.device)
 
 
 def faulty_weight_masks(model: nn.Module, layers: list[str], mapping: Mapping, chip: ChipMap,
@@ -54,22 +79,9 @@ def faulty_weight_masks(model: nn.Module, layers: list[str], mapping: Mapping, c
     for name in layers:
         if name not in mods:
             raise HaschedError(f"unknown layer {name!r}")
-        mod = mods[name]
-        shape = gemm_shape_of(mod, (spatial or {}).get(name))
-        plan = mapping.plan(shape)
-        pe = plan.pe_pos.expand(plan.rows, plan.n_chains, plan.chain).reshape(plan.rows, -1)
-        bad_slot = faulty[pe][:, :plan.k]  # (rows, K) in the mapping's K order, per slot
-        perm = (perms or {}).get(name)
-        if perm is not None:  # row perm[s] runs in slot s
-            bad = torch.empty_like(bad_slot)
-            bad[perm.reshape(-1)] = bad_slot
-        else:
-            bad = bad_slot
-        if plan.k_perm is not None:  # back to PyTorch's reduction order
-            unperm = torch.empty_like(bad)
-            unperm[:, plan.k_perm] = bad
-            bad = unperm
-        out[name] = bad.reshape(mod.weight.shape).to(mod.weight.device)
+        pes = weight_pes(mods[name], mapping, (perms or {}).get(name),
+                         (spatial or {}).get(name))
+        out[name] = faulty.to(pes.device)[pes]
     return out
 
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from hasched.errors import HaschedError
 from hasched.registry import Registry
-from hasched.sim.arithmetic import Arithmetic, Fp32, LayerArith
+from hasched.sim.arithmetic import PINNED_SCALE_ATTR, Arithmetic, Fp32, LayerArith
 from hasched.sim.faults import FaultModel
 from hasched.sim.gemm import DenseOut, LayerFaults, SparseOut, faulty_gemm
 from hasched.sim.mapping import GemmShape, LayerPlan, Mapping
@@ -192,7 +192,8 @@ class FaultyLayer(nn.Module):
         shape = self.gemm_shape()
         self.plan: LayerPlan = mapping.plan(shape)
         self.site = mapping.check_site(model.site)
-        self.arith: LayerArith = arith.layer(self.weight.reshape(shape.rows, -1), in_absmax)
+        self.arith: LayerArith = arith.layer(self.weight.reshape(shape.rows, -1), in_absmax,
+                                             getattr(orig, PINNED_SCALE_ATTR, None))
         self.arith.map_weights(self.plan.k_perm, self.plan.k_padded)
         dev = self.weight.device
         pes = self.plan.site_pes(self.site).to(dev)  # (rows, n_c', L')

@@ -1,7 +1,9 @@
 """One fp32 forward pass that tells the simulator what a layer's inputs look like.
 
 * ``absmax``: ``max |input|`` of every accelerated layer on calibration images (the int8
-  activation scale is ``absmax / 127``);
+  activation scale is ``absmax / 127``), or the range pinned on the module
+  (:data:`~hasched.sim.arithmetic.PINNED_ABSMAX_ATTR`: an edited model keeps its
+  calibration);
 * ``spatial``: for a Linear layer fed by ``nn.Flatten`` of a ``(C, H, W)`` map, that shape,
   so that a mapping with the authors' ``hwc`` reduction order can reorder its inputs.
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from hasched.sim.arithmetic import Arithmetic
+from hasched.sim.arithmetic import PINNED_ABSMAX_ATTR, Arithmetic
 from hasched.sim.mapping import Mapping
 
 __all__ = ["Probe", "activation_probe"]
@@ -66,6 +68,10 @@ def activation_probe(model: nn.Module, layers: list[str], images: torch.Tensor,
     finally:
         for h in handles:
             h.remove()
+    for name in layers:  # a deployed int8 model keeps the ranges it was calibrated with
+        pinned = getattr(mods.get(name), PINNED_ABSMAX_ATTR, None)
+        if pinned is not None and need_scale:
+            probe.absmax[name] = float(pinned)
     if need_shape:
         for i, (name, mod, _shape) in enumerate(log[: len(log) // max(1, -(-x.shape[0] // 256))]):
             if name not in wanted or not isinstance(mod, nn.Linear):
