@@ -164,3 +164,45 @@ def test_policies_are_checked():
         Policy("always")
     with pytest.raises(HaschedError, match="only fixed"):
         Policy("reduce", 1.0)
+
+
+def tiny_context(model: nn.Module, layers: list[str], mapping: Systolic):
+    from hasched.study.fap_study import FapContext, FapStudy
+
+    x, y = tiny_data(40)
+    if isinstance(model[0], nn.Conv2d):
+        x = torch.randn(40, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+    return FapContext(FapStudy(), model, {}, SGD, layers, mapping, {}, (x, y), (x, y), (x, y))
+
+
+def test_remap_masks_equal_faulty_weight_masks_under_any_schedule():
+    from hasched.study.remap import FapRemapProblem
+
+    g = torch.Generator().manual_seed(4)
+    conv = nn.Sequential(OrderedDict([("c0", nn.Conv2d(2, 5, 3)), ("flat", nn.Flatten()),
+                                      ("op", nn.Linear(5 * 9, 3))]))
+    for model, layers, mapping in ((tiny_model(), ["h0", "op"], Systolic(4, 4)),
+                                   (conv, ["c0", "op"], Systolic(4, 4, k_order="hwc"))):
+        ctx = tiny_context(model, layers, mapping)
+        problem = FapRemapProblem(ctx, chip(0.4, 7), images=40)
+        mods = dict(model.named_modules())
+        for _ in range(3):
+            perms = {n: torch.randperm(mods[n].weight.shape[0], generator=g) for n in layers}
+            want = faulty_weight_masks(model, layers, mapping, chip(0.4, 7), perms=perms)
+            got = problem.masks_for(perms)
+            assert all(torch.equal(got[n], want[n]) for n in layers)
+            w = problem.model_for(perms)
+            assert masked_max(w, want) == 0.0
+            kept = ~want["op"]
+            assert torch.equal(dict(w.named_modules())["op"].weight[kept], mods["op"].weight[kept])
+
+
+def test_remap_search_is_deterministic_for_a_seed():
+    from hasched.study.remap import remap_chip
+
+    ctx = tiny_context(tiny_model(), ["h0", "op"], Systolic(4, 4))
+    cfg = {"population": 4, "generations": 2}
+    a, b = (remap_chip(ctx, chip(0.4, 7), "ga", cfg, seed=3, images=40) for _ in range(2))
+    assert a["schedule"] == b["schedule"] and a["val_acc"] == b["val_acc"]
+    assert a["evaluations"] > 4 and a["search_fitness"] >= remap_chip(
+        ctx, chip(0.4, 7), "ga", {"population": 1, "generations": 0}, 3, 40)["search_fitness"]

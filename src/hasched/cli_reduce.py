@@ -164,9 +164,9 @@ def retrain(
         "--remap-searcher", help="Registered searcher for remap (hasched list).")] = "ga",
     remap_option: Annotated[typing.Optional[list[str]], typer.Option(  # noqa: UP045
         "--remap-option", help="Searcher setting KEY=VALUE (repeat; default for ga: "
-        "population=10, generations=10).")] = None,
+        "population=8, generations=5).")] = None,
     remap_images: Annotated[int, typer.Option(
-        "--remap-images", help="Validation images that score a remap schedule.")] = 512,
+        "--remap-images", help="Validation images that score a remap schedule.")] = 256,
     train_images: TrainImagesOpt = ":10000",
     val_images: ValImagesOpt = "8000:10000",
     lr: LrOpt = None,

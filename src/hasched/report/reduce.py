@@ -204,13 +204,15 @@ def _markdown(rmap: dict, summary: dict, verdict: dict, title: str) -> str:
              f"Clean accuracy: validation {100 * summary['clean']['val']:.2f} %, test "
              f"{100 * summary['clean']['test']:.2f} %.", "",
              "| policy | yield | yield per faulty-PE rate | total epochs | total wall (min) |"
-             " mean drop (pt) | worst drop (pt) | step-ups |", "|---|---|---|---|---|---|---|---|"]
+             " total CPU (min) | mean drop (pt) | worst drop (pt) | step-ups |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary["policies"].items():
         per = ", ".join(f"{100 * float(k):.3g} %: {100 * v:.0f} %"
                         for k, v in sorted(s["yield_by_rate"].items(), key=lambda kv:
                                            float(kv[0])))
         lines.append(f"| {name} | {100 * s['yield']:.1f} % | {per} | {s['total_epochs']:.2f} | "
-                     f"{s['total_seconds'] / 60:.2f} | {s['mean_drop']:.2f} | "
+                     f"{s['total_seconds'] / 60:.2f} | {s['total_cpu_seconds'] / 60:.2f} | "
+                     f"{s['mean_drop']:.2f} | "
                      f"{s['worst_drop']:.2f} | {s['step_ups']} |")
     lines += ["", "## Verdict", ""]
     if "reduce" in verdict:

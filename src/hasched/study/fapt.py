@@ -150,7 +150,8 @@ class FapTrainer:
         self.step = 0
         self.order: torch.Tensor | None = None
         self.pos = 0
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # wall time
+        self.train_cpu_seconds = 0.0  # CPU time of this process (all its threads)
         self.last_loss = float("nan")
         self.progress, self.desc = progress, desc
         self.has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -173,7 +174,7 @@ class FapTrainer:
 
         dev = self.x.device
         fork = [dev.index or 0] if dev.type == "cuda" else []
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss_fn = nn.CrossEntropyLoss()
         with torch.random.fork_rng(devices=fork), tqdm(
                 total=steps, initial=self.step, desc=self.desc, unit="step", file=sys.stderr,
@@ -195,6 +196,7 @@ class FapTrainer:
             self._save_rng(dev)
         self.model.eval()
         self.train_seconds += time.perf_counter() - started
+        self.train_cpu_seconds += time.process_time() - cpu_started
 
     def _restore_rng(self, dev: torch.device) -> None:
         if self.rng_state is None:

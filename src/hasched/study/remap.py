@@ -24,8 +24,8 @@ from hasched.study.fapt import top1
 
 __all__ = ["FapRemapProblem", "remap_chip", "DEFAULT_REMAP_CONFIG"]
 
-# A small budget: 10 + 10 x ~10 schedules per chip (the paper's GA runs 20 x 100, 3 times).
-DEFAULT_REMAP_CONFIG = {"ga": {"population": 10, "generations": 10}}
+# A small budget: 8 + 5 x ~8 schedules per chip (the paper's GA runs 20 x 100, 3 times).
+DEFAULT_REMAP_CONFIG = {"ga": {"population": 8, "generations": 5}}
 
 
 class FapRemapProblem(PermutationProblem):
@@ -44,6 +44,24 @@ class FapRemapProblem(PermutationProblem):
         self.work = copy.deepcopy(ctx.model).eval()
         self.orig = {n: mods[n].weight.detach().clone() for n in ctx.layers}
         self.x, self.y = ctx.val[0][:images], ctx.val[1][:images]
+        # A schedule only moves rows: row perm[s] gets slot s's pattern of faulty PEs, so the
+        # identity schedule's masks, re-indexed, give every schedule's (a test checks this
+        # against faulty_weight_masks(perms=...)).
+        self.slot_masks = faulty_weight_masks(ctx.model, ctx.layers, ctx.mapping, chip,
+                                              spatial=ctx.spatial)
+
+    def masks_for(self, perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """FAP masks under one schedule ``{layer: LongTensor[rows]}`` (identity if absent)."""
+        out = {}
+        for n, m in self.slot_masks.items():
+            perm = perms.get(n)
+            if perm is None:
+                out[n] = m
+                continue
+            moved = torch.empty_like(m)
+            moved[perm.reshape(-1).to(m.device)] = m  # (rows, ...) weight-shaped
+            out[n] = moved
+        return out
 
     def model_for(self, perms: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The working model pruned for one schedule ``{layer: LongTensor[rows]}``."""
@@ -51,9 +69,7 @@ class FapRemapProblem(PermutationProblem):
         with torch.no_grad():
             for n, w in self.orig.items():
                 mods[n].weight.copy_(w)
-        masks = faulty_weight_masks(self.ctx.model, self.ctx.layers, self.ctx.mapping,
-                                    self.chip, perms=perms, spatial=self.ctx.spatial)
-        apply_masks(self.work, masks)
+        apply_masks(self.work, self.masks_for(perms))
         return self.work
 
     def evaluate(self, perms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -66,21 +82,22 @@ class FapRemapProblem(PermutationProblem):
 
 
 def remap_chip(ctx: FapContext, chip: ChipMap, searcher: str, config: dict | None,
-               seed: int, images: int = 512) -> dict:
+               seed: int, images: int = 256) -> dict:
     """Searches a schedule for one chip and measures it.
 
     Returns:
-        ``val_acc``, ``test_acc``, ``search_fitness``, ``evaluations``, ``seconds`` and the
-        ``schedule`` (``{layer: [row per slot]}``).
+        ``val_acc``, ``test_acc``, ``search_fitness``, ``evaluations``, ``seconds`` (wall),
+        ``cpu_seconds`` and the ``schedule`` (``{layer: [row per slot]}``).
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     problem = FapRemapProblem(ctx, chip, images)
     cfg = config if config is not None else DEFAULT_REMAP_CONFIG.get(searcher)
     result = create_searcher(searcher, cfg).run(problem, seed)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     model = problem.model_for({k: v.reshape(-1) for k, v in result.best.items()})
     val, test = ctx.accuracies(model)
     return {"val_acc": val, "test_acc": test, "search_fitness": float(result.best_fitness),
             "evaluations": int(result.evaluations), "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
             "schedule": {k: [int(i) for i in v.reshape(-1).tolist()]
                          for k, v in result.best.items()}}

@@ -90,7 +90,7 @@ class RetrainConfig:
     resilience: ResilienceMap | None = None
     remap_searcher: str = "ga"
     remap_config: dict | None = None
-    remap_images: int = 512
+    remap_images: int = 256
     digests: dict = field(default_factory=dict)
 
     def expanded(self) -> list[Policy]:
@@ -183,19 +183,21 @@ class ChipRun:
         ctx = self.ctx
         if self.trainer is None:
             return {"epochs": epochs, "steps": 0, "val_acc": ctx.clean_val,
-                    "test_acc": ctx.clean_test, "train_seconds": 0.0, "val_seconds": 0.0}
+                    "test_acc": ctx.clean_test, "train_seconds": 0.0, "val_seconds": 0.0,
+                    "train_cpu_seconds": 0.0, "val_cpu_seconds": 0.0}
         if self.steps(epochs) < self.trainer.step:
             raise RuntimeError(f"FAP+T already passed {epochs} epochs")  # a caller bug
         self.trainer.advance_epochs(epochs)
         model = self.trainer.ready()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         val = top1(model, *ctx.val)
-        val_seconds = time.perf_counter() - t0
+        val_seconds, val_cpu = time.perf_counter() - t0, time.process_time() - c0
         if masked_max(model, self.masks) != 0.0:  # the invariant the tests check, kept live
             raise RuntimeError("FAP+T let a pruned weight move")
         return {"epochs": epochs, "steps": self.trainer.step, "val_acc": val,
                 "test_acc": top1(model, *ctx.test), "train_seconds": self.trainer.train_seconds,
-                "val_seconds": val_seconds}
+                "val_seconds": val_seconds, "train_cpu_seconds": self.trainer.train_cpu_seconds,
+                "val_cpu_seconds": val_cpu}
 
 
 def reduce_steps(start: int, epochs: list[float], val_at: Callable[[float], float],
@@ -232,13 +234,14 @@ def _chip_rows(cfg: RetrainConfig, ctx: FapContext, name: str, chip: ChipMap,
             rec, extra = _reduce(cfg.resilience, run, base["rate"], cfg.max_drop, target["val"])
         else:
             rec = run.at(0.0 if p.kind == "none" else p.epochs)
-            rec = {**rec, "seconds": rec["train_seconds"]}
+            rec = {**rec, "seconds": rec["train_seconds"],
+                   "cpu_seconds": rec["train_cpu_seconds"]}
         rows.append({**base, "policy": p.name, "epochs": rec["epochs"], "steps": rec["steps"],
                      "cost_epochs": rec["steps"] / spe, "val_acc": rec["val_acc"],
                      "test_acc": rec["test_acc"],
                      "val_ok": rec["val_acc"] >= target["val"] - 1e-12,
                      "meets": rec["test_acc"] >= target["test"] - 1e-12,
-                     "seconds": rec["seconds"], **extra})
+                     "seconds": rec["seconds"], "cpu_seconds": rec["cpu_seconds"], **extra})
     return rows
 
 
@@ -250,6 +253,8 @@ def _reduce(rmap: ResilienceMap, run: ChipRun, rate: float, max_drop: float,
     rec = dict(run.at(eps[tried[-1]]))
     # charged: training up to the amount kept, plus one verification per amount tried
     rec["seconds"] = rec["train_seconds"] + sum(run.at(eps[i])["val_seconds"] for i in tried)
+    rec["cpu_seconds"] = rec["train_cpu_seconds"] + sum(run.at(eps[i])["val_cpu_seconds"]
+                                                        for i in tried)
     return rec, {"chosen": choice.epochs, "reason": choice.reason,
                  "predicted": choice.predicted, "tried": [eps[i] for i in tried],
                  "step_ups": len(tried) - 1}
@@ -311,6 +316,7 @@ def summarize_policies(rows: list[dict], policies: list[str], clean: dict,
             "total_epochs": sum(r["cost_epochs"] for r in mine),
             "total_steps": sum(r["steps"] for r in mine),
             "total_seconds": sum(r["seconds"] for r in mine),
+            "total_cpu_seconds": sum(r["cpu_seconds"] for r in mine),
             "mean_drop": sum(drops) / len(drops), "worst_drop": max(drops),
             "step_ups": sum(r.get("step_ups", 0) for r in mine)}
     return out
@@ -332,7 +338,8 @@ def _write_tables(out: str | Path, rows: list[dict], summary: dict) -> None:
             str(int(r["meets"])), "" if chosen is None else f"{chosen:g}",
             r.get("reason", ""), tried]))
     atomic_write(out / TABLE_NAME, "\n".join(lines) + "\n")
-    costs = ["chip,policy,cost_epochs,seconds"] + [
-        f"{r['chip']},{r['policy']},{r['cost_epochs']:.6f},{r['seconds']:.3f}" for r in rows]
+    costs = ["chip,policy,cost_epochs,seconds,cpu_seconds"] + [
+        f"{r['chip']},{r['policy']},{r['cost_epochs']:.6f},{r['seconds']:.3f},"
+        f"{r['cpu_seconds']:.3f}" for r in rows]
     atomic_write(out / "costs.csv", "\n".join(costs) + "\n")
     atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
