@@ -125,8 +125,9 @@ def hand_map() -> ResilienceMap:
     worst = [[0.95, 0.95, 0.95, 0.95],
              [0.80, 0.92, 0.945, 0.95],
              [0.60, 0.85, 0.90, 0.94]]
+    mean = [[0.95] * 4, [0.85, 0.94, 0.95, 0.95], [0.70, 0.90, 0.93, 0.95]]
     return ResilienceMap([0.0, 0.1, 0.2], [0.0, 0.5, 1.0, 2.0], worst, 0.95, 0.96, {},
-                         [[0] * 4] * 3)
+                         [[0] * 4] * 3, mean)
 
 
 @pytest.mark.parametrize("rate,max_drop,epochs,reason", [
@@ -142,6 +143,44 @@ def hand_map() -> ResilienceMap:
 def test_reduce_chooses_the_hand_computed_amount(rate, max_drop, epochs, reason):
     c = hand_map().choose(rate, max_drop)
     assert (c.epochs, c.reason) == (epochs, reason)
+
+
+@pytest.mark.parametrize("fap_acc,rate,epochs,reason", [
+    (0.945, 0.005, 0.0, "fap-meets"),  # within 1 point after FAP alone: no retraining
+    (0.90, 0.05, 1.0, "map"),         # e = 0 means 0.95 / 0.85 / 0.70: halfway to 0.1
+    (0.775, 0.15, 2.0, "map"),        # halfway between 0.85 (f = 0.1) and 0.70 (f = 0.2)
+    (0.65, None, 2.0, "beyond-map"),  # worse than the mean chip at the largest rate
+])
+def test_reduce_crit_places_a_chip_by_its_fap_damage(fap_acc, rate, epochs, reason):
+    m = hand_map()
+    got = m.equivalent_rate(fap_acc)
+    assert (got is None and rate is None) or got == pytest.approx(rate)
+    c = m.choose_by_damage(fap_acc, 1.0)
+    assert (c.epochs, c.reason) == (epochs, reason)
+    bumpy = ResilienceMap(m.rates, m.epochs, m.val_worst, 0.95, 0.96, {}, m.steps,
+                          [[0.95] * 4, [0.80] * 4, [0.85] * 4])  # made non-increasing first
+    assert bumpy.equivalent_rate(0.80) == pytest.approx(0.1)
+    assert bumpy.equivalent_rate(0.79) is None
+
+
+def test_acceptance_compares_with_the_cheapest_fixed_amount_of_the_same_yield():
+    from hasched.report.reduce import acceptance
+
+    def pol(y, e):
+        return {"yield": y, "total_epochs": e, "total_seconds": 10 * e}
+
+    summary = {"policies": {"none": pol(0.5, 0), "fixed:0.5": pol(0.9, 30),
+                            "fixed:1": pol(1.0, 60), "fixed:2": pol(1.0, 120),
+                            "reduce": pol(0.95, 25), "reduce-crit": pol(0.9, 20)}}
+    v = acceptance(summary)
+    assert v["fixed_max"] == {"policy": "fixed:2", "yield": 1.0, "epochs": 120}
+    assert v["reduce"]["fixed_same_yield"]["policy"] == "fixed:1"
+    assert v["reduce"]["epoch_ratio"] == pytest.approx(25 / 60) and v["reduce"]["passed"]
+    crit = v["reduce-crit"]
+    assert crit["fixed_same_yield"]["policy"] == "fixed:0.5" and not crit["passed"]
+    assert crit["epoch_ratio"] == pytest.approx(20 / 30) and not crit["meets_yield"]
+    summary["policies"]["reduce"] = pol(0.5, 3)  # no better than FAP alone at 0 epochs
+    assert acceptance(summary)["reduce"]["epoch_ratio"] == float("inf")
 
 
 def test_reduce_steps_up_when_verification_misses():

@@ -107,18 +107,20 @@ def test_every_output_is_there(runs):
 def test_policies_share_one_trajectory_consistently(runs):
     table = rows(runs / "all" / "retrain.csv")
     summary = json.loads((runs / "all" / "summary.json").read_text())
-    names = ["none", "fixed:0.5", "fixed:1", "reduce", "remap"]
+    names = ["none", "fixed:0.5", "fixed:1", "reduce", "reduce-crit", "remap"]
     assert list(summary["policies"]) == names
     by = {(r["chip"], r["policy"]): r for r in table}
     chips = sorted({r["chip"] for r in table})
     assert len(chips) == 4 and len(table) == 4 * len(names)
-    for c in chips:
-        red = by[c, "reduce"]
+    for c, variant in ((c, v) for c in chips for v in ("reduce", "reduce-crit")):
+        red = by[c, variant]
         same = by[c, "none" if red["epochs"] == "0" else f"fixed:{red['epochs']}"]
         for k in ("steps", "val_acc", "test_acc"):
             assert red[k] == same[k]
         tried = red["tried"].split()
         assert tried[0] == red["chosen"] and tried[-1] == red["epochs"]
+        if variant == "reduce-crit" and by[c, "none"]["val_ok"] == "1":
+            assert red["reason"] == "fap-meets" and red["steps"] == "0"
         assert by[c, "remap"]["steps"] == "0" and by[c, "fixed:1"]["steps"] == "8"
     for name, s in summary["policies"].items():
         mine = [r for r in table if r["policy"] == name]

@@ -153,8 +153,9 @@ def retrain(
     out: Annotated[Path, typer.Option(help="Output folder (resumed if it holds this run).")],
     policy: Annotated[str, typer.Option(
         help="Comma-separated: none (FAP only) | fixed:E (every chip E epochs) | fixed (one "
-        "per amount of the map) | reduce | remap (rows moved, no retraining).")
-    ] = "none,fixed,reduce,remap",
+        "per amount of the map) | reduce (amount from the chip's faulty-PE rate) | "
+        "reduce-crit (from its FAP-only accuracy) | remap (rows moved, no retraining).")
+    ] = "none,fixed,reduce,reduce-crit,remap",
     max_drop: Annotated[float, typer.Option(
         "--max-drop", help="Allowed accuracy drop from clean, in points.")] = 1.0,
     resilience: Annotated[typing.Optional[Path], typer.Option(  # noqa: UP045
@@ -219,11 +220,13 @@ def reduce_report(
     if out is not None:
         make_dirs(out)
     res = write_reduce_report(resilience_dir, retrain_dir, out)
-    v = res["acceptance"]
-    if "reduce" in v:
-        typer.echo(f"Reduce: yield {100 * v['reduce']['yield']:.1f} %, "
-                   f"{v['reduce']['epochs']:.2f} epochs"
-                   + (f" = {100 * v['epoch_ratio']:.0f} % of {v['fixed_same_yield']['policy']}"
-                      f" (same yield)" if "fixed_same_yield" in v else "")
-                   + f"; acceptance {'met' if v['passed'] else 'NOT met'}")
+    verdict = res["acceptance"]
+    for variant in ("reduce", "reduce-crit"):
+        if variant in verdict:
+            v = verdict[variant]
+            same = v.get("fixed_same_yield")
+            typer.echo(f"{variant}: yield {100 * v['yield']:.1f} %, {v['epochs']:.2f} epochs"
+                       + (f" = {100 * v['epoch_ratio']:.0f} % of {same['policy']} (same "
+                          "yield)" if same else "")
+                       + f"; acceptance {'met' if v['passed'] else 'NOT met'}")
     typer.echo(f"figure: {res['figure']}  report: {res['report']}")

@@ -18,7 +18,11 @@ from hasched.report.search import save_figure  # noqa: E402
 
 __all__ = ["plot_chips", "plot_resilience", "acceptance", "write_reduce_report"]
 
-_STYLE = {"none": ("tab:gray", "s"), "reduce": ("tab:red", "*"), "remap": ("tab:green", "D")}
+_STYLE = {"none": ("tab:gray", "s"), "reduce": ("tab:red", "*"),
+          "reduce-crit": ("tab:purple", "P"), "remap": ("tab:green", "D")}
+_LABEL = {"none": "none (FAP only)", "reduce": "Reduce (amount from the chip's rate)",
+          "reduce-crit": "Reduce-crit (amount from its FAP damage)",
+          "remap": "remap rows (no retraining)"}
 
 
 def plot_chips(chips: list, path: str | Path, max_cols: int = 20) -> Path:
@@ -113,29 +117,37 @@ def _fixed(policies: dict) -> list[tuple[float, str, dict]]:
 
 
 def acceptance(summary: dict, target_yield: float = 0.95) -> dict:
-    """Reduce against the fixed policies: its yield, and its epochs as a share of the
-    cheapest fixed amount that reaches at least the same yield."""
+    """Each Reduce variant against the fixed policies: its yield, and its epochs as a share
+    of the cheapest fixed amount (``none`` = 0 epochs) that reaches at least the same yield.
+
+    Returns:
+        ``{"target_yield", "fixed_max": {...}, "reduce": {...}, "reduce-crit": {...}}``; a
+        variant's entry holds ``yield``, ``epochs``, ``seconds``, ``fixed_same_yield``,
+        ``epoch_ratio``, ``meets_yield`` and ``passed`` (yield >= target and ratio <= 1/2).
+    """
     pol = summary["policies"]
     fixed = _fixed(pol)
     out: dict = {"target_yield": target_yield}
+    if fixed:
+        _, name, s = fixed[-1]
+        out["fixed_max"] = {"policy": name, "yield": s["yield"], "epochs": s["total_epochs"]}
     if "none" in pol:  # FAP only is the fixed policy with 0 epochs
         fixed = [(0.0, "none", pol["none"])] + fixed
-    if fixed:
-        e_max, name, s = fixed[-1]
-        out["fixed_max"] = {"policy": name, "yield": s["yield"], "epochs": s["total_epochs"]}
-    if "reduce" in pol:
-        r = pol["reduce"]
-        out["reduce"] = {"yield": r["yield"], "epochs": r["total_epochs"],
-                         "seconds": r["total_seconds"]}
+    for variant in ("reduce", "reduce-crit"):
+        if variant not in pol:
+            continue
+        r = pol[variant]
+        v = {"yield": r["yield"], "epochs": r["total_epochs"], "seconds": r["total_seconds"]}
         same = [(n, s) for _, n, s in fixed if s["yield"] >= r["yield"] - 1e-12]
         if same:
             n, s = same[0]
-            out["fixed_same_yield"] = {"policy": n, "yield": s["yield"],
-                                       "epochs": s["total_epochs"]}
-            out["epoch_ratio"] = r["total_epochs"] / s["total_epochs"] if s["total_epochs"] \
+            v["fixed_same_yield"] = {"policy": n, "yield": s["yield"],
+                                     "epochs": s["total_epochs"]}
+            v["epoch_ratio"] = r["total_epochs"] / s["total_epochs"] if s["total_epochs"] \
                 else (0.0 if r["total_epochs"] == 0 else math.inf)
-        out["meets_yield"] = r["yield"] >= target_yield - 1e-12
-        out["passed"] = bool(out["meets_yield"] and out.get("epoch_ratio", math.inf) <= 0.5)
+        v["meets_yield"] = r["yield"] >= target_yield - 1e-12
+        v["passed"] = bool(v["meets_yield"] and v.get("epoch_ratio", math.inf) <= 0.5)
+        out[variant] = v
     return out
 
 
@@ -157,8 +169,7 @@ def _cost_plot(summary: dict, path: Path, title: str) -> Path:
             if name in pol:
                 ax.plot([pol[name][key] * scale], [100 * pol[name]["yield"]], marker,
                         color=color, ms=14 if marker == "*" else 8, ls="none",
-                        label={"none": "none (FAP only)", "reduce": "Reduce (per chip)",
-                               "remap": "remap rows (no retraining)"}[name])
+                        label=_LABEL[name])
         ax.axhline(95, color="k", lw=0.7, ls="--")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -215,17 +226,21 @@ def _markdown(rmap: dict, summary: dict, verdict: dict, title: str) -> str:
                      f"{s['mean_drop']:.2f} | "
                      f"{s['worst_drop']:.2f} | {s['step_ups']} |")
     lines += ["", "## Verdict", ""]
-    if "reduce" in verdict:
-        r = verdict["reduce"]
-        lines.append(f"- Reduce: yield {100 * r['yield']:.1f} % (target >= "
-                     f"{100 * verdict['target_yield']:.0f} %) with {r['epochs']:.2f} epochs.")
-        if "fixed_same_yield" in verdict:
-            f = verdict["fixed_same_yield"]
-            lines.append(f"- Cheapest fixed policy with at least that yield: {f['policy']} "
-                         f"({100 * f['yield']:.1f} %, {f['epochs']:.2f} epochs); Reduce needs "
-                         f"{100 * verdict['epoch_ratio']:.0f} % of its epochs.")
-        lines.append(f"- Acceptance (yield >= 95 % and <= half the epochs): "
-                     f"{'met' if verdict['passed'] else 'NOT met'}.")
+    for variant in ("reduce", "reduce-crit"):
+        if variant not in verdict:
+            continue
+        r = verdict[variant]
+        line = (f"- {variant}: yield {100 * r['yield']:.1f} % (target >= "
+                f"{100 * verdict['target_yield']:.0f} %) with {r['epochs']:.2f} epochs")
+        if "fixed_same_yield" in r:
+            f = r["fixed_same_yield"]
+            line += (f"; the cheapest fixed amount with at least that yield is {f['policy']} "
+                     f"({100 * f['yield']:.1f} %, {f['epochs']:.2f} epochs): "
+                     f"{100 * r['epoch_ratio']:.0f} % of its epochs")
+        else:
+            line += "; no fixed amount reaches that yield"
+        lines.append(line + f". Acceptance (yield >= 95 %, <= half the epochs): "
+                     f"{'met' if r['passed'] else 'NOT met'}.")
     if "fixed_max" in verdict:
         f = verdict["fixed_max"]
         lines.append(f"- {f['policy']} (every chip the maximum): yield {100 * f['yield']:.1f} "

@@ -237,6 +237,7 @@ class ResilienceMap:
     clean_test: float
     study: dict
     steps: list[list[int]]
+    val_mean: list[list[float]] | None = None
 
     @classmethod
     def load(cls, folder: str | Path) -> ResilienceMap:
@@ -249,18 +250,21 @@ class ResilienceMap:
         obj = read_json(path, what="resilience map")
         cfg = read_json(folder / "config.json", what="resilience config")
         for key, kind in (("rates", list[float]), ("epochs", list[float]),
-                          ("val_worst", list[list[float]]), ("steps", list[list[int]])):
+                          ("val_worst", list[list[float]]), ("val_mean", list[list[float]]),
+                          ("steps", list[list[int]])):
             require(obj, key, kind, file=path)
-        if not obj["rates"] or not obj["epochs"] or len(obj["val_worst"]) != len(
-                obj["rates"]) or any(len(r) != len(obj["epochs"]) for r in obj["val_worst"]):
-            raise HaschedError(f"{path}: val_worst must be a rates x epochs table")
+        for key in ("val_worst", "val_mean"):
+            if not obj["rates"] or not obj["epochs"] or len(obj[key]) != len(
+                    obj["rates"]) or any(len(r) != len(obj["epochs"]) for r in obj[key]):
+                raise HaschedError(f"{path}: {key} must be a rates x epochs table")
         clean = require(obj, "clean", dict, file=path)
         if not obj.get("complete"):
             raise HaschedError(f"resilience map {path} is incomplete; finish the run first")
         study = require(cfg, "study", dict, file=folder / "config.json")
         return cls([float(f) for f in obj["rates"]], [float(e) for e in obj["epochs"]],
                    obj["val_worst"], float(require(clean, "val", float, file=path)),
-                   float(require(clean, "test", float, file=path)), study, obj["steps"])
+                   float(require(clean, "test", float, file=path)), study, obj["steps"],
+                   obj["val_mean"])
 
     def worst_at(self, rate: float) -> list[float] | None:
         """Worst-case validation accuracy per amount at ``rate``, linear in the rate
@@ -289,3 +293,32 @@ class ResilienceMap:
             if acc >= target - 1e-12:
                 return Choice(j, self.epochs[j], "map", acc)
         return Choice(last, self.epochs[last], "none-suffices", worst[last])
+
+    def equivalent_rate(self, fap_acc: float) -> float | None:
+        """The faulty-PE rate at which the map's mean FAP-only (``e = 0``) accuracy equals
+        ``fap_acc``, linear between the map's rates (the column made non-increasing first);
+        None when the chip is worse than the mean chip at the largest rate."""
+        col, low = [], math.inf
+        for row in self.val_mean:
+            low = min(low, row[0])
+            col.append(low)
+        if fap_acc >= col[0]:
+            return self.rates[0]
+        for i in range(1, len(col)):
+            if fap_acc >= col[i]:
+                w = (col[i - 1] - fap_acc) / (col[i - 1] - col[i])
+                return self.rates[i - 1] + w * (self.rates[i] - self.rates[i - 1])
+        return None
+
+    def choose_by_damage(self, fap_acc: float, max_drop: float) -> Choice:
+        """Reduce with the chip's own damage instead of its rate: how hard its faults hit
+        critical weights shows in its FAP-only validation accuracy, which places it at an
+        equivalent rate of the map (:meth:`equivalent_rate`); a chip that already meets the
+        constraint after FAP needs no retraining (reason ``fap-meets``)."""
+        if fap_acc >= self.clean_val - max_drop / 100.0 - 1e-12:
+            return Choice(0, self.epochs[0], "fap-meets", fap_acc)
+        rate = self.equivalent_rate(fap_acc)
+        if rate is None:
+            last = len(self.epochs) - 1
+            return Choice(last, self.epochs[last], "beyond-map", None)
+        return self.choose(rate, max_drop)

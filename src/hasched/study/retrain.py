@@ -10,6 +10,10 @@ Policies (:class:`Policy`):
   (:meth:`~hasched.study.resilience.ResilienceMap.choose`); retrain that long, verify on the
   validation images, and step up to the map's next amount while verification misses
   (:func:`reduce_steps`).
+- ``reduce-crit``: Reduce placed on the map by the chip's own damage rather than its rate:
+  how hard its faults hit critical weights shows in its FAP-only validation accuracy, which
+  gives an equivalent rate (:meth:`~hasched.study.resilience.ResilienceMap.choose_by_damage`;
+  a chip that meets the constraint after FAP is not retrained); then verify and step up.
 - ``remap``: HAS-style row remapping, no retraining (:mod:`hasched.study.remap`).
 
 All retraining policies of one run share each chip's single FAP+T run (:class:`ChipRun`):
@@ -58,9 +62,9 @@ class Policy:
     epochs: float | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("none", "fixed", "reduce", "remap"):
-            raise HaschedError(f"unknown policy {self.kind!r}; use none, fixed:E, reduce or "
-                               "remap")
+        if self.kind not in ("none", "fixed", "reduce", "reduce-crit", "remap"):
+            raise HaschedError(f"unknown policy {self.kind!r}; use none, fixed:E, reduce, "
+                               "reduce-crit or remap")
         if self.epochs is not None and not (self.kind == "fixed" and self.epochs >= 0):
             raise HaschedError(f"policy {self.kind}: only fixed takes an amount (fixed:E, "
                                "E >= 0)")
@@ -109,7 +113,7 @@ class RetrainConfig:
             raise HaschedError("--policy is empty")
         if not (self.max_drop >= 0):
             raise HaschedError(f"--max-drop must be >= 0 points, got {self.max_drop}")
-        needs_map = [p.name for p in self.policies if p.kind == "reduce" or (
+        needs_map = [p.name for p in self.policies if p.kind.startswith("reduce") or (
             p.kind == "fixed" and p.epochs is None)]
         if needs_map and self.resilience is None:
             raise HaschedError(f"policy {needs_map[0]} needs a resilience map: give "
@@ -230,8 +234,9 @@ def _chip_rows(cfg: RetrainConfig, ctx: FapContext, name: str, chip: ChipMap,
         if p.kind == "remap":
             rec = _remap(cfg, ctx, name, chip)
             extra = {k: rec.pop(k) for k in ("evaluations", "search_fitness", "schedule")}
-        elif p.kind == "reduce":
-            rec, extra = _reduce(cfg.resilience, run, base["rate"], cfg.max_drop, target["val"])
+        elif p.kind.startswith("reduce"):
+            rec, extra = _reduce(cfg.resilience, run, base["rate"], cfg.max_drop, target["val"],
+                                 by_damage=p.kind == "reduce-crit")
         else:
             rec = run.at(0.0 if p.kind == "none" else p.epochs)
             rec = {**rec, "seconds": rec["train_seconds"],
@@ -246,15 +251,22 @@ def _chip_rows(cfg: RetrainConfig, ctx: FapContext, name: str, chip: ChipMap,
 
 
 def _reduce(rmap: ResilienceMap, run: ChipRun, rate: float, max_drop: float,
-            target_val: float) -> tuple[dict, dict]:
-    choice = rmap.choose(rate, max_drop)
+            target_val: float, by_damage: bool = False) -> tuple[dict, dict]:
+    """Reduce (``by_damage``: reduce-crit, placed on the map by its FAP-only accuracy)."""
     eps = rmap.epochs
+    if by_damage:
+        choice = rmap.choose_by_damage(run.at(0.0)["val_acc"], max_drop)
+    else:
+        choice = rmap.choose(rate, max_drop)
     tried = reduce_steps(choice.index, eps, lambda e: run.at(e)["val_acc"], target_val)
     rec = dict(run.at(eps[tried[-1]]))
-    # charged: training up to the amount kept, plus one verification per amount tried
-    rec["seconds"] = rec["train_seconds"] + sum(run.at(eps[i])["val_seconds"] for i in tried)
+    # charged: training up to the amount kept, plus one validation pass per amount it
+    # measured (reduce-crit also measures the FAP-only chip)
+    measured = sorted({*tried, *([0] if by_damage else [])})
+    rec["seconds"] = rec["train_seconds"] + sum(run.at(eps[i])["val_seconds"]
+                                                for i in measured)
     rec["cpu_seconds"] = rec["train_cpu_seconds"] + sum(run.at(eps[i])["val_cpu_seconds"]
-                                                        for i in tried)
+                                                        for i in measured)
     return rec, {"chosen": choice.epochs, "reason": choice.reason,
                  "predicted": choice.predicted, "tried": [eps[i] for i in tried],
                  "step_ups": len(tried) - 1}
