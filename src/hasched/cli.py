@@ -188,6 +188,8 @@ def chips(
     seed: Annotated[int, typer.Option("--chip-seed", "--seed", help="First chip seed.")] = 1,
     fault: Annotated[str, typer.Option(
         "--fault", help="stuck-at[:bit=14,value=1,site=product] or dead.")] = "stuck-at",
+    plot: Annotated[bool, typer.Option(
+        "--plot", help="Also draw the maps (OUT/chips.png).")] = False,
 ) -> None:
     """Sample chip fault maps (permanently faulty PEs) and save them, one JSON file each."""
     from hasched.sim.faults import PermanentFault, create_fault
@@ -198,7 +200,11 @@ def chips(
     if not isinstance(spec, PermanentFault):
         raise HaschedError(f"--fault {name} is transient; chips hold permanent faults "
                            "(stuck-at, dead)")
-    fracs = [float(v) for v in faulty_pes.split(",") if v.strip()]
+    try:
+        fracs = [float(v) for v in faulty_pes.split(",") if v.strip()]
+    except ValueError:
+        raise HaschedError(f"--faulty-pes must be comma-separated shares, got "
+                           f"{faulty_pes!r}") from None
     if count < 1 or not fracs:
         raise HaschedError("--count must be >= 1 and --faulty-pes non-empty")
     mp = _mapping(mapping, n_sms)
@@ -209,6 +215,10 @@ def chips(
     out.mkdir(parents=True, exist_ok=True)
     for f, i, chip in maps:
         chip.save(out / f"chip_f{f:g}_s{seed + i}.json")
+    if plot:
+        from hasched.report.reduce import plot_chips
+
+        typer.echo(f"figure: {plot_chips([(str(i), c) for _, i, c in maps], out / 'chips.png')}")
     typer.echo(f"wrote {len(maps)} chip maps ({mp.spec()}, {int(maps[0][2].faulty.size)} PEs) "
                f"to {out}")
 
@@ -507,6 +517,7 @@ app.command()(compare)
 app.command()(export)
 app.command()(diagnose)
 from hasched import cli_faltune  # noqa: E402,F401
+from hasched import cli_reduce  # noqa: E402,F401
 
 # New commands go above this line.
 

@@ -19,7 +19,7 @@ from hasched.zoo.models import TrainRecipe
 from hasched.zoo.ref import ModelRef
 
 __all__ = ["BN_RECALIBRATION_IMAGES", "check_outputs", "evaluate_accuracy", "fit",
-           "recalibrate_batchnorm"]
+           "make_optimizer", "min_batch_size", "recalibrate_batchnorm"]
 
 # Training images that re-estimate BatchNorm statistics after training.
 BN_RECALIBRATION_IMAGES = 2048
@@ -110,6 +110,23 @@ def check_outputs(model: nn.Module, ref: ModelRef, x: torch.Tensor, n_classes: i
                            f" {ref.dataset} needs {n_classes} class scores (set num_classes)")
 
 
+def make_optimizer(model: nn.Module, recipe: TrainRecipe, lr: float | None = None
+                   ) -> torch.optim.Optimizer:
+    """The recipe's optimiser over ``model``'s parameters (``lr`` overrides the recipe's)."""
+    lr = recipe.lr if lr is None else lr
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=recipe.momentum)
+    # Keras' Adam epsilon is 1e-7 (PyTorch's default is 1e-8).
+    return torch.optim.Adam(model.parameters(), lr=lr, eps=1e-7)
+
+
+def min_batch_size(model: nn.Module) -> int:
+    """Smallest mini-batch the loop trains on: BatchNorm cannot train on one image at 1x1
+    (resnet18 at 32 px), so a model with BatchNorm skips a last batch of one."""
+    return 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    for m in model.modules()) else 1
+
+
 def fit(
     model: nn.Module,
     recipe: TrainRecipe,
@@ -122,16 +139,10 @@ def fit(
     desc: str,
 ) -> tuple[int, float]:
     """The optimisation loop; returns ``(steps taken, last loss)``."""
-    if recipe.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum)
-    else:
-        # Keras' Adam epsilon is 1e-7 (PyTorch's default is 1e-8).
-        opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, eps=1e-7)
+    opt = make_optimizer(model, recipe)
     loss_fn = nn.CrossEntropyLoss()
     n_train = int(y_train.shape[0])
-    # BatchNorm cannot train on one image at 1x1 (resnet18 at 32 px): skip such a last batch.
-    min_batch = 2 if any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                         for m in model.modules()) else 1
+    min_batch = min_batch_size(model)
     step, loss_value = 0, float("nan")
     bar = tqdm(total=total_steps, desc=desc, file=sys.stderr, disable=not progress,
                unit="step", leave=False)
