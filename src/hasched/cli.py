@@ -470,6 +470,8 @@ def _demo(out: Path, s, train_epochs: int, models_dir: Path, data_dir: Path | No
                f"{sdir / 'convergence.png'}")
 
 
+from hasched import cli_reuse  # noqa: E402,F401
+
 # New commands go above this line.
 
 

@@ -23,7 +23,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hasched.errors import HaschedError
 from hasched.io import atomic_write, check_out_dir, claim_out_dir, make_dirs
