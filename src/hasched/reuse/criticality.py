@@ -150,7 +150,7 @@ def _conv_delta(mod: nn.Module, xs: torch.Tensor, members: torch.Tensor, pert, s
         out = out[..., 0, :]
     if G == 1:
         return out
-    full = torch.zeros(P, *y_shape, dtype=out.dtype, device=out.device)
+    full = torch.zeros(P, B, *y_shape, dtype=out.dtype, device=out.device)
     for p, g in enumerate(groups.tolist()):
         full[p, :, g * co_g:(g + 1) * co_g] = out[p]
     return full

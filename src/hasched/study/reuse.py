@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from hasched.errors import HaschedError
-from hasched.io import atomic_write
+from hasched.io import atomic_write, make_dirs
 from hasched.reuse.allocate import greedy_allocation
 from hasched.reuse.engine import KERNELS, ReuseEngine
 from hasched.reuse.quant import LayerQuantizer, LayerSpec, calibrate, neuron_axis, uniform_bits
@@ -252,6 +252,7 @@ def run_reuse(out: str | Path, s: ReuseSettings, *, models_dir=None, data_dir=No
             alloc = greedy_allocation(crit, st.calib_drop, b.budget, s.bits_max, s.bits_min,
                                       log=log)
             bits, cal = alloc.bits, alloc.drop
+            make_dirs(out / "allocations")
             atomic_write(out / "allocations" / f"{b.key}.json",
                          json.dumps(alloc.to_dict()) + "\n")
         mean, mac_mean = st.mean_bits(bits)
