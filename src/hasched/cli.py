@@ -518,6 +518,7 @@ app.command()(export)
 app.command()(diagnose)
 from hasched import cli_faltune  # noqa: E402,F401
 from hasched import cli_reduce  # noqa: E402,F401
+from hasched import cli_reuse  # noqa: E402,F401
 
 # New commands go above this line.
 
