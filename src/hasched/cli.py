@@ -516,9 +516,8 @@ def _demo(out: Path, s, train_epochs: int, models_dir: Path, data_dir: Path | No
 app.command()(compare)
 app.command()(export)
 app.command()(diagnose)
-from hasched import cli_faltune  # noqa: E402,F401
-from hasched import cli_reduce  # noqa: E402,F401
-from hasched import cli_reuse  # noqa: E402,F401
+# Each study's commands live in their own module (they register on `app` when imported).
+from hasched import cli_faltune, cli_reduce, cli_reuse  # noqa: E402,F401
 
 # New commands go above this line.
 
