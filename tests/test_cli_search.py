@@ -88,7 +88,8 @@ def test_reproduce_runs_another_searcher_into_its_own_folders(store, tmp_path, m
     import hasched.study.reproduce as rp
 
     tiny = rp.Plan([rp.Case("mnist32-cnn", "c0", "flip-to-1", 5e-3, "paper text")], (1,),
-                   (1,), rp.SearchSettings(population=4, generations=2, runs=1, repeats=2,
+                   (1,), rp.SearchSettings(population=4, generations=2, runs=1,
+                                           scenario=rp.Scenario(repeats=2),
                                            search_images="96:", holdout_images=":32",
                                            holdout_repeats=3), "tiny")
     monkeypatch.setattr(rp, "QUICK", tiny)
@@ -100,12 +101,16 @@ def test_reproduce_runs_another_searcher_into_its_own_folders(store, tmp_path, m
     assert "| criticality |" in (tmp_path / "REPORT-criticality.md").read_text()
 
 
-def test_demo_shows_criticality_and_the_demo_searcher(store, tmp_path):
+def test_demo_runs_the_demo_searcher_against_random_search(store, tmp_path):
     from hasched.cli import DEMO_SEARCHER
 
     res = cli("demo", "--out", tmp_path, "--generations", "1", "--search-images", "96:",
               "--holdout-images", ":32", *store)
     assert res.exit_code == 0, res.output
-    assert "criticality, 33 evaluations" in res.output and DEMO_SEARCHER in res.output
+    # criticality: one probe per c0 row (32) plus the sorted schedule's own evaluation.
+    assert DEMO_SEARCHER == "criticality" and "(criticality, 33 evaluations)" in res.output
     assert "random search, same budget" in res.output
-    assert (tmp_path / "search" / "convergence-all.png").is_file()
+    sdir = tmp_path / "search-criticality"
+    summ = json.loads((sdir / "summary.json").read_text())
+    assert summ["settings"]["algorithm"] == "criticality"
+    assert sum(summ["search"]["evaluations"]) == 33 and (sdir / "recovery.png").is_file()
