@@ -38,7 +38,16 @@ EXCLUDED = {
     "demo": {"--images"} | MODEL,  # the demo trains its own mnist32-cnn
     "reproduce": {"--layers", "--fault", "--fr-max", "--profile-seed", "--images",
                   "--error-seed"} | MODEL,  # the paper's cases set these
+    # permanent faults only (the same chip every time): no transient rates, no repeats
+    "resilience-ax": {"--fr-max", "--profile-seed", "--profile", "--repeats", "--error-seed",
+                      "--multiplier", "--chip"},  # it sweeps multipliers and samples chips
+    "retune": {"--fr-max", "--profile-seed", "--profile", "--repeats", "--error-seed"},
+    # FAP: pruned weights in fp32, so no arithmetic, fault model or transient options
+    "resilience": {"--n-sms", "--arithmetic", "--multiplier", "--fault", "--error", "--fr-max",
+                   "--profile-seed", "--profile", "--faulty-pes", "--chip-seed", "--chip",
+                   "--repeats", "--metric", "--error-seed"},
 }
+EXCLUDED["retrain"] = EXCLUDED["resilience"]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +97,17 @@ def test_every_command_takes_the_same_scenario_options(command):
     for opt in SCENARIO_OPTION_NAMES:
         if opt not in EXCLUDED[command]:
             assert opt in res.output, f"{command} lacks {opt}"
+
+
+def test_a_command_cannot_hide_a_scenario_option():
+    from hasched.cli_options import scenario_options
+
+    def cmd(scn: dict, seed: int = 0) -> None:  # would hide the model's --seed
+        return None
+
+    with pytest.raises(TypeError, match="hide scenario options"):
+        scenario_options()(cmd)
+    assert scenario_options(override=("seed",))(cmd) is not None
 
 
 def test_layer_groups():

@@ -74,7 +74,7 @@ def multipliers_cmd(
 
 @app.command("resilience-ax")
 @scenario_options(exclude=(*_NOT_SWEPT, "multiplier", "chip"), defaults={
-    **_DEFAULTS, "fault": "stuck-at"})
+    **_DEFAULTS, "fault": "stuck-at"}, override=("chip_seed", "faulty_pes"))
 def resilience_ax(
     scn: dict,
     out: Annotated[Path, typer.Option(help="Grid folder (resumed if it holds this grid).")],
@@ -125,7 +125,8 @@ def resilience_ax(
 
 @app.command()
 @scenario_options(exclude=_NOT_SWEPT, defaults={
-    **_DEFAULTS, "multiplier": "drum4", "fault": "stuck-at:site=product"})
+    **_DEFAULTS, "multiplier": "drum4", "fault": "stuck-at:site=product"},
+    override=("chip", "chip_seed", "faulty_pes"))  # lists of shares and of chip files
 def retune(
     scn: dict,
     out: Annotated[Path, typer.Option(help="Output folder (resumed if it holds this run).")],
@@ -156,8 +157,8 @@ def retune(
     search_config: Annotated[Optional[str], typer.Option(  # noqa: UP045
         help="Searcher settings as JSON, e.g. '{\"population\": 10, \"generations\": 10}'.")
     ] = None,
-    seed: Annotated[int, typer.Option(
-        "--mitigation-seed", help="Seed of the fine-tunes' shuffling and of the search.")] = 0,
+    mitigation_seed: Annotated[int, typer.Option(
+        help="Seed of the fine-tunes' shuffling and of the search.")] = 0,
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
@@ -186,7 +187,7 @@ def retune(
                          layers=_one_group(scn)).validate()
     mit = MitigationSettings(retune_steps=retune_steps, finetune_steps=finetune_steps,
                              batch_size=batch_size, lr=lr, searcher=searcher,
-                             search_config=config, seed=seed)
+                             search_config=config, seed=mitigation_seed)
     create_searcher(searcher, mit.search_settings())  # a bad searcher fails before any work
     s = RetuneSettings(base, chips=tuple(str(p) for p in chip or ()),
                        faulty_pes=fracs, n_chips=chips,

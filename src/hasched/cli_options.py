@@ -106,13 +106,19 @@ SCENARIO_OPTION_NAMES = ["--" + k.replace("_", "-") for k in _SCALAR]
 
 
 def scenario_options(sweep: bool = False, exclude: tuple[str, ...] = (),
-                     defaults: dict | None = None):
+                     defaults: dict | None = None, override: tuple[str, ...] = ()):
     """Decorator adding the scenario options to a command, passed on as ``scn: dict``.
 
     Args:
         sweep: Use the list-valued variants of the swept fields (``sensitivity``).
         exclude: Fields the command sets itself (they are not offered).
         defaults: Command-specific defaults.
+        override: Fields the command declares itself with another type (e.g. a list of
+            faulty-PE shares); it receives them as its own parameters, not in ``scn``.
+
+    Raises:
+        TypeError: a parameter of the command has a scenario field's name without being
+            listed in ``override`` (it would silently hide that scenario option).
     """
 
     def deco(fn):
@@ -123,6 +129,10 @@ def scenario_options(sweep: bool = False, exclude: tuple[str, ...] = (),
         params = [p.replace(annotation=hints.get(p.name, p.annotation))
                   for p in own.parameters.values() if p.name != "scn"]
         taken = {p.name for p in params}
+        clash = sorted((taken & spec.keys()) - set(override))
+        if clash:
+            raise TypeError(f"{fn.__name__}: parameters {clash} hide scenario options; "
+                            "rename them or list them in override=")
         for name, (ann, default) in spec.items():
             if name in taken:
                 continue
