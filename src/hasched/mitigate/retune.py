@@ -34,9 +34,10 @@ from hasched.errors import HaschedError
 from hasched.sim.arithmetic import Int8, pin_int8_scales
 from hasched.sim.fap import weight_pes
 from hasched.sim.faults import ChipFault
-from hasched.sim.layers import ConvInput, FaultState, LinearInput, inject_faults
+from hasched.sim.layers import FaultState, inject_faults
 from hasched.sim.mapping import Mapping
 from hasched.sim.multipliers import Multiplier
+from hasched.sim.operands import ConvInput, LinearInput
 from hasched.sim.probe import activation_probe
 from hasched.sim.profile import ChipMap
 

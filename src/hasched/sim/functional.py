@@ -19,45 +19,16 @@ Example:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from hasched.errors import HaschedError
 from hasched.sim.arithmetic import Arithmetic, Fp32
 from hasched.sim.faults import FaultModel
 from hasched.sim.gemm import DenseOut, LayerFaults, faulty_gemm
-from hasched.sim.layers import _k_offsets, flat_gather, row_rates
-from hasched.sim.mapping import GemmShape, LayerPlan, Mapping
+from hasched.sim.layers import row_rates
+from hasched.sim.mapping import GemmShape, Mapping
+from hasched.sim.operands import MatrixInput
 
 __all__ = ["MatrixInput", "faulty_matmul", "layer_faults"]
-
-
-class MatrixInput:
-    """A GEMM input given as a matrix per sample: ``x (N, K, C)``."""
-
-    samples_last = False
-
-    def __init__(self, x: torch.Tensor, P: int) -> None:
-        self.x, self.P = x, P
-        self.n_samples, self.n_cols = x.shape[0] // P, x.shape[2]
-        self.per_member = P != 1
-
-    def gather(self, h, plan: LayerPlan) -> torch.Tensor:
-        n = (h.p * self.n_samples + h.b) if self.per_member else h.b
-        K, C = self.x.shape[1:]
-        return flat_gather(self.x, n * K * C + h.c, _k_offsets(plan, C), h.k, plan)
-
-    def _chains(self, x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
-        if plan.k_perm is not None:
-            x = x[:, plan.k_perm.to(x.device)]
-        x = F.pad(x, (0, 0, 0, plan.k_padded - plan.k))
-        return x.reshape(x.shape[0], 1, plan.n_chains, plan.chain, x.shape[-1])
-
-    def blocks(self, plan: LayerPlan) -> torch.Tensor:
-        return self._chains(self.x, plan)
-
-    def blocks_for(self, plan: LayerPlan, p: int, b0: int, n: int) -> torch.Tensor:
-        i0 = p * self.n_samples + b0 if self.per_member else b0
-        return self._chains(self.x[i0:i0 + n], plan)
 
 
 def layer_faults(w: torch.Tensor, mapping: Mapping, fault: FaultModel, *,

@@ -125,6 +125,22 @@ def train_model(
                      progress=progress, download=download)
 
 
+def _step_budget(cfg: TrainConfig, recipe, n_train: int) -> tuple[int, int, int]:
+    """``(epochs, steps per epoch, total steps)`` of a run on ``n_train`` images.
+
+    The recipe's epochs are scaled so that the number of optimiser steps matches the
+    recipe's reference training-set size (unless ``cfg.epochs`` overrides them).
+    """
+    if n_train == 0:
+        raise HaschedError(f"training split of {cfg.ref.dataset!r} is empty")
+    n_epochs = cfg.epochs or _scaled_epochs(recipe.epochs, recipe.reference_train_size, n_train)
+    steps_per_epoch = math.ceil(n_train / recipe.batch_size)
+    total_steps = n_epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    return n_epochs, steps_per_epoch, total_steps
+
+
 def train_ref(
     ref: ModelRef,
     seed: int,
@@ -179,13 +195,7 @@ def train_ref(
     if cfg.train_subset is not None:
         x_train, y_train = x_train[: cfg.train_subset], y_train[: cfg.train_subset]
     n_train = int(y_train.shape[0])
-    if n_train == 0:
-        raise HaschedError(f"training split of {ref.dataset!r} is empty")
-    n_epochs = cfg.epochs or _scaled_epochs(recipe.epochs, recipe.reference_train_size, n_train)
-    steps_per_epoch = math.ceil(n_train / recipe.batch_size)
-    total_steps = n_epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    n_epochs, steps_per_epoch, total_steps = _step_budget(cfg, recipe, n_train)
     x_train, y_train = x_train.to(cfg.device), y_train.to(cfg.device)
 
     init_gen = torch.Generator().manual_seed(cfg.seed)
