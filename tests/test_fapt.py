@@ -245,3 +245,23 @@ def test_remap_search_is_deterministic_for_a_seed():
     assert a["schedule"] == b["schedule"] and a["val_acc"] == b["val_acc"]
     assert a["evaluations"] > 4 and a["search_fitness"] >= remap_chip(
         ctx, chip(0.4, 7), "ga", {"population": 1, "generations": 0}, 3, 40)["search_fitness"]
+
+
+def test_policies_give_the_same_rows_in_any_order():
+    # fixed:2 first used to train past the 0.5 epochs Reduce then asked for (a crash)
+    from hasched.study.fap_study import FapStudy
+    from hasched.study.retrain import RetrainConfig, _chip_rows
+
+    ctx = tiny_context(tiny_model(), ["h0", "op"], Systolic(4, 4))
+    ctx.clean_val = ctx.clean_test = 0.95
+    c = chip(0.1, 3)  # 2 of 16 PEs: Reduce starts at e = 0.5 with a 5-point budget
+    assert hand_map().choose(float(c.faulty.mean()), 5.0).epochs == 0.5
+    pols = (Policy("fixed", 2.0), Policy("reduce"), Policy("reduce-crit"))
+    got = []
+    for order in (pols, pols[::-1]):
+        cfg = RetrainConfig(FapStudy(), order, (("c", c),), 5.0, hand_map())
+        rows = _chip_rows(cfg, ctx, "c", c, False)
+        got.append({r["policy"]: {k: v for k, v in r.items() if "seconds" not in k}
+                    for r in rows})
+    assert got[0] == got[1]
+    assert got[0]["reduce"]["tried"][0] == 0.5

@@ -221,8 +221,12 @@ def _chip_rows(cfg: RetrainConfig, ctx: FapContext, name: str, chip: ChipMap,
                progress: bool) -> list[dict]:
     """Every policy's row for one chip (see :func:`run_retrain`)."""
     policies = cfg.expanded()
-    run = ChipRun(ctx, chip, name, [0.0] + [p.epochs for p in policies if p.kind == "fixed"],
-                  progress)
+    wanted = [0.0] + [p.epochs for p in policies if p.kind == "fixed"]
+    if any(p.kind.startswith("reduce") for p in policies):
+        # Reduce may ask for any amount of the map after a larger fixed:E was read (the run
+        # only goes forward), so every map amount is read on the way
+        wanted += list(cfg.resilience.epochs)
+    run = ChipRun(ctx, chip, name, wanted, progress)
     spe = 1 if run.trainer is None else run.trainer.steps_per_epoch
     base = {"chip": name, "rate": float(chip.faulty.mean()),
             "faulty_pes": int(chip.faulty.sum()), "pruned_share": run.share}
