@@ -265,3 +265,13 @@ def test_policies_give_the_same_rows_in_any_order():
                     for r in rows})
     assert got[0] == got[1]
     assert got[0]["reduce"]["tried"][0] == 0.5
+
+
+@pytest.mark.parametrize("batch,n", [(1, 100), (16, 1)])
+def test_batchnorm_with_one_image_batches_is_an_error_not_a_hang(batch, n):
+    model = nn.Sequential(OrderedDict([("h0", nn.Linear(12, 10)), ("bn", nn.BatchNorm1d(10)),
+                                       ("op", nn.Linear(10, 3))])).eval()
+    masks = faulty_weight_masks(model, ["h0", "op"], Systolic(4, 4), chip())
+    x, y = tiny_data(n)
+    with pytest.raises(HaschedError, match="at least 2"):
+        FapTrainer(model, masks, SGD, x, y, FineTune(batch_size=batch), "chip")

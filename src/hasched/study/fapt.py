@@ -143,6 +143,10 @@ class FapTrainer:
             raise HaschedError("FAP+T needs at least one training image")
         self.steps_per_epoch = math.ceil(self.n / self.batch_size)
         self.min_batch = min_batch_size(self.model)
+        if min(self.batch_size, self.n) < self.min_batch:  # every batch skipped: no step ends
+            raise HaschedError(f"FAP+T of a model with BatchNorm needs mini-batches of at "
+                               f"least {self.min_batch} images (batch size "
+                               f"{self.batch_size}, {self.n} training images)")
         self.shuffle = torch.Generator().manual_seed(
             derive_seed("fapt-shuffle", settings.seed, run_key))
         self.dropout_seed = derive_seed("fapt-dropout", settings.seed, run_key)
