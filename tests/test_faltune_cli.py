@@ -188,3 +188,14 @@ def test_retune_bad_chip_files_are_one_line(store, tmp_path, capsys, monkeypatch
     code, _, err = cli(["retune", *RT, "--method", "retune,magic", "--out", tmp_path / "o"],
                        capsys, monkeypatch, store)
     one_error(code, err, "unknown mitigation")
+
+
+def test_retune_chip_files_with_unsafe_names_get_safe_keys():
+    # a chip file "my chip.json" used to raise a ValueError traceback from GridCell
+    from hasched.study.retune import retune_cells
+
+    cells = retune_cells(["my chip", "c/ø", "f0.1_s1"], ("retune+bias",))
+    assert [c.key for c in cells] == [
+        "my-chip_none", "my-chip_exact", "my-chip_retune+bias", "c--_none", "c--_exact",
+        "c--_retune+bias", "f0.1_s1_none", "f0.1_s1_exact", "f0.1_s1_retune+bias"]
+    assert [c.params["chip"] for c in cells[::3]] == ["my chip", "c/ø", "f0.1_s1"]

@@ -31,7 +31,8 @@ from hasched.sim.profile import ChipMap
 from hasched.study.grid import GridCell, run_grid
 from hasched.study.scenario import Scenario
 
-__all__ = ["RetuneSettings", "load_chips", "run_retune", "summarize_retune", "KIND"]
+__all__ = ["RetuneSettings", "load_chips", "retune_cells", "run_retune", "summarize_retune",
+           "KIND"]
 
 KIND = "retune"
 BASELINES = ("none", "exact")
@@ -195,14 +196,24 @@ def _jsonable(obj):
     return obj
 
 
+def retune_cells(chip_names: list[str], methods: tuple[str, ...]) -> list[GridCell]:
+    """One cell per (chip, method), baselines first. A chip file's name may hold characters
+    a part file's name cannot (``my chip.json``): those become ``-`` in the key only (two
+    names that then collide are refused by the grid)."""
+    def safe(name: str) -> str:
+        return "".join(c if (c.isascii() and c.isalnum()) or c in "_.+=@-" else "-" for c in name)
+
+    return [GridCell(f"{safe(name)}_{m}", {"chip": name, "method": m})
+            for name in chip_names for m in (*BASELINES, *methods)]
+
+
 def run_retune(out: str | Path, s: RetuneSettings, *, models_dir=None, data_dir=None,
                log: Callable[[str], None] | None = None, progress: bool = True,
                max_cells: int | None = None) -> tuple[dict, list[dict]]:
     """Runs (or resumes) every (chip, method) cell into ``out``; returns the summary and
     the rows."""
     chips = load_chips(s)
-    cells = [GridCell(f"{name}_{m}", {"chip": name, "method": m})
-             for name, _ in chips for m in (*BASELINES, *s.methods)]
+    cells = retune_cells([n for n, _ in chips], s.methods)
     study = _Study(s, dict(chips), models_dir, data_dir, log)
     config = s.to_dict()
     config["chip_maps"] = {n: c.to_dict() for n, c in chips}
