@@ -199,3 +199,18 @@ def test_retune_chip_files_with_unsafe_names_get_safe_keys():
         "my-chip_none", "my-chip_exact", "my-chip_retune+bias", "c--_none", "c--_exact",
         "c--_retune+bias", "f0.1_s1_none", "f0.1_s1_exact", "f0.1_s1_retune+bias"]
     assert [c.params["chip"] for c in cells[::3]] == ["my chip", "c/ø", "f0.1_s1"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--retune-steps", "-1"], "steps must be an integer >= 0"),
+    (["--batch-size", "0"], "batch size must be >= 1"),
+    (["--lr", "2"], "learning rate must lie in (0, 1)"),
+    (["--method", "prune,none"], "always measured"),  # was 'two grid cells share a key'
+])
+def test_retune_bad_fine_tune_options_fail_before_any_output(store, tmp_path, capsys,
+                                                            monkeypatch, args, needle):
+    # they used to fail inside the first fine-tuning cell, after the grid folder was made
+    code, _, err = cli(["retune", *RT, "--method", "prune", *args, "--out", tmp_path / "o"],
+                       capsys, monkeypatch, store)
+    one_error(code, err, needle)
+    assert not (tmp_path / "o").exists()

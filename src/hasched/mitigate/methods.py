@@ -64,6 +64,13 @@ class MitigationSettings:
     search_config: dict | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # checked here, before a grid folder exists, not when the first cell fine-tunes
+        from hasched.mitigate.ste import FinetuneConfig
+
+        for steps in (self.retune_steps, self.finetune_steps):
+            FinetuneConfig(steps=steps, batch_size=self.batch_size, lr=self.lr)
+
     def search_settings(self) -> dict | None:
         if self.search_config is not None:
             return dict(self.search_config)

@@ -71,6 +71,10 @@ class RetuneSettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        base = [m for m in self.methods if m in BASELINES]
+        if base:
+            raise HaschedError(f"--method {base[0]}: none and exact are always measured; "
+                               "list only mitigations")
         for m in self.methods:
             MITIGATIONS.get(m)
         if len(set(self.methods)) != len(self.methods):
