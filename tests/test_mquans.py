@@ -230,4 +230,9 @@ def test_command_errors(store, tmp_path, capsys, monkeypatch):
            "unknown layer")
     _error(run("criticality", "--model", "mlp", "--perturb", "stuck-at", "--out",
                tmp_path / "c"), "permanent")
+    # were a ValueError traceback, and a failure inside the first mquans cell
+    _error(run("criticality", "--model", "mlp", "--perturb", "bitflip:rate=abc", "--out",
+               tmp_path / "c"), "rate must be a number")
+    _error(run("reuse", "--model", "mlp", "--frames", fr, "--bits", "uniform:4", "--out",
+               tmp_path / "r", "--bits-min", "6", "--bits-max", "4"), "--bits-min")
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()

@@ -67,7 +67,10 @@ def parse_perturbation(text: str):
                            "share of the range (noise:0.1)") from None
     name, params = parse_fault(text)
     params = dict(params)
-    rate = float(params.pop("rate", 1.0))
+    try:
+        rate = float(params.pop("rate", 1.0))
+    except (TypeError, ValueError):
+        raise HaschedError(f"--perturb {text!r}: rate must be a number in (0, 1]") from None
     return Perturbation("fault", fault=name, params=tuple(sorted(params.items())), rate=rate)
 
 

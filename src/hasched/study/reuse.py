@@ -104,6 +104,9 @@ class ReuseSettings:
             raise HaschedError("a bit setting is listed twice")
         if self.kernel not in KERNELS or self.refresh < 0 or self.calib_sequences < 1:
             raise HaschedError(f"need kernel in {KERNELS}, refresh >= 0, calib sequences >= 1")
+        if not 1 <= self.bits_min <= self.bits_max <= 16:  # else the first mquans cell fails
+            raise HaschedError(f"need 1 <= --bits-min <= --bits-max <= 16, got "
+                               f"{self.bits_min}..{self.bits_max}")
         if any(b.method == "mquans" for b in self.settings) and not self.criticality:
             raise HaschedError("mquans needs a criticality table (--criticality DIR, from "
                                "`hasched criticality`)")
