@@ -203,6 +203,9 @@ def test_policies_are_checked():
         Policy("always")
     with pytest.raises(HaschedError, match="only fixed"):
         Policy("reduce", 1.0)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(HaschedError, match="finite and >= 0"):
+            Policy("fixed", bad)
 
 
 def tiny_context(model: nn.Module, layers: list[str], mapping: Systolic):

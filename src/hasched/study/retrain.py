@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,9 +66,11 @@ class Policy:
         if self.kind not in ("none", "fixed", "reduce", "reduce-crit", "remap"):
             raise HaschedError(f"unknown policy {self.kind!r}; use none, fixed:E, reduce, "
                                "reduce-crit or remap")
-        if self.epochs is not None and not (self.kind == "fixed" and self.epochs >= 0):
+        if self.epochs is not None and not (self.kind == "fixed" and self.epochs >= 0
+                                            and math.isfinite(self.epochs)):
+            # (fixed:inf used to pass here and fail inside the first chip's cell)
             raise HaschedError(f"policy {self.kind}: only fixed takes an amount (fixed:E, "
-                               "E >= 0)")
+                               "E finite and >= 0)")
 
     @property
     def name(self) -> str:
