@@ -167,7 +167,6 @@ def test_bad_inputs_are_one_line(runs, store, tmp_path, capsys, monkeypatch):
     (bad / "c1.json").write_text(json.dumps({"kind": "profile"}))
     one_error(*cli(base, capsys, monkeypatch, store)[::2], "not a chip map")
     (bad / "c1.json").unlink()
-    (runs / "chips" / "chip_f0.1_s1.json").read_bytes()
     code, _, err = cli(["chips", "--out", str(tmp_path / "c8"), "--mapping", "systolic:8x8",
                         "--count", "1"], capsys, monkeypatch, store)
     assert code in (0, None), err
@@ -196,3 +195,21 @@ def test_bad_inputs_are_one_line(runs, store, tmp_path, capsys, monkeypatch):
                         str(tmp_path / "r")], capsys, monkeypatch, store)
     one_error(code, err, "systolic")
     assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+def test_report_on_a_damaged_run_is_one_line(runs, store, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    ret = tmp_path / "ret"
+    shutil.copytree(runs / "all", ret)
+    (ret / "retrain.csv").unlink()  # a run copied without its table
+    code, _, err = cli(["reduce-report", str(runs / "res"), str(ret)], capsys, monkeypatch,
+                       store)
+    one_error(code, err, "complete Reduce run")
+    summary = json.loads((ret / "summary.json").read_text())
+    del summary["max_drop"]  # a hand-edited summary
+    (ret / "summary.json").write_text(json.dumps(summary))
+    shutil.copy(runs / "all" / "retrain.csv", ret / "retrain.csv")
+    code, _, err = cli(["reduce-report", str(runs / "res"), str(ret)], capsys, monkeypatch,
+                       store)
+    one_error(code, err, "max_drop")

@@ -199,13 +199,17 @@ def write_reduce_report(resilience_dir: str | Path, retrain_dir: str | Path,
     require(summary, "policies", dict, file=ret_dir / "summary.json")
     require(rmap, "rates", list, file=res_dir / "resilience.json")
     out = Path(out) if out is not None else ret_dir
-    study = summary.get("study", {})
-    title = (f"{study.get('model', '?')} on {study.get('mapping', '?')}: "
-             f"{len(_read_csv(ret_dir / 'retrain.csv')) // max(len(summary['policies']), 1)}"
-             f" chips, constraint: test drop <= {summary['max_drop']:g} pt")
+    try:  # saved by hasched, but possibly edited or truncated by hand since
+        study = summary.get("study", {})
+        title = (f"{study.get('model', '?')} on {study.get('mapping', '?')}: "
+                 f"{len(_read_csv(ret_dir / 'retrain.csv')) // max(len(summary['policies']), 1)}"
+                 f" chips, constraint: test drop <= {summary['max_drop']:g} pt")
+        verdict = acceptance(summary)
+        md = _markdown(rmap, summary, verdict, title)
+    except (KeyError, TypeError, ValueError, IndexError, FileNotFoundError) as exc:
+        raise HaschedError(f"{ret_dir} and {res_dir} do not hold a complete Reduce run "
+                           f"({type(exc).__name__}: {exc})") from None
     fig = _cost_plot(summary, out / "cost_vs_yield.png", title)
-    verdict = acceptance(summary)
-    md = _markdown(rmap, summary, verdict, title)
     atomic_write(out / "reduce.md", md)
     return {"figure": fig, "report": out / "reduce.md", "acceptance": verdict}
 
