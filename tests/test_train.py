@@ -224,3 +224,72 @@ def test_load_or_train_trains_once_then_loads(data_dir, models_dir, monkeypatch)
     assert len(calls) == 1 and len(messages) == 1
     assert _same_weights(model, again) and not again.training
     assert meta2["steps"] == meta["steps"] == 1
+
+
+class _Killed(BaseException):
+    """Stands in for kill -9: nothing after it runs (not even ``except Exception``)."""
+
+
+@pytest.mark.parametrize("when", ["right after a save", "between saves"])
+def test_a_killed_training_run_resumes_bit_for_bit(data_dir, models_dir, monkeypatch, when):
+    from hasched.zoo import fit as fit_mod
+    from hasched.zoo.ref import ModelRef
+    from hasched.zoo.train import TRAINING_STATE, train_ref
+
+    # fashion-cnn: Adam state and dropout draws must both survive; 256 images at batch 128
+    # are 2 steps per epoch, so step 3 is in the middle of the second epoch.
+    ref = ModelRef("fashion-cnn")
+    kwargs = dict(data_dir=data_dir, max_steps=5, train_subset=256, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        whole, meta = train_ref(ref, 2, **kwargs)
+        folder = models_dir / "fashion-cnn" / "seed2"
+        folder.mkdir(parents=True)
+        real_save, real_due = fit_mod.TrainingState.save, fit_mod.TrainingState.due
+
+        def save_then_die(self, payload):
+            real_save(self, payload)
+            if payload["step"] == 3:
+                raise _Killed
+
+        def die_before_saving(self, step):
+            if step == 3:  # step 3 is done, its state is not saved: resume redoes it
+                raise _Killed
+            return step % 2 == 0
+
+        if when == "right after a save":
+            monkeypatch.setattr(fit_mod.TrainingState, "due", lambda self, step: True)
+            monkeypatch.setattr(fit_mod.TrainingState, "save", save_then_die)
+        else:
+            monkeypatch.setattr(fit_mod.TrainingState, "due", die_before_saving)
+        with pytest.raises(_Killed):
+            train_ref(ref, 2, state_dir=folder, **kwargs)
+        saved = torch.load(folder / TRAINING_STATE, weights_only=True)
+        assert saved["step"] == (3 if when == "right after a save" else 2)
+        monkeypatch.setattr(fit_mod.TrainingState, "save", real_save)
+        monkeypatch.setattr(fit_mod.TrainingState, "due", real_due)
+        lines: list[str] = []
+        torch.rand(10)  # the global RNG moved on meanwhile: the state must not care
+        resumed, meta2 = train_ref(ref, 2, state_dir=folder, log=lines.append, **kwargs)
+    assert _same_weights(whole, resumed) and meta2["steps"] == meta["steps"] == 5
+    assert lines == [f"resuming training from step {saved['step']} ({folder / TRAINING_STATE})"]
+    save_checkpoint(resumed, meta2, models_dir)
+    assert not (folder / TRAINING_STATE).exists()  # stored: the state is gone
+
+
+def test_a_resume_state_of_another_run_is_ignored(data_dir, models_dir, monkeypatch):
+    from hasched.zoo import fit as fit_mod
+    from hasched.zoo.ref import ModelRef
+    from hasched.zoo.train import TRAINING_STATE, train_ref
+
+    ref = ModelRef("mnist32-cnn")
+    folder = models_dir / "mnist32-cnn" / "seed1"
+    folder.mkdir(parents=True)
+    kwargs = dict(data_dir=data_dir, train_subset=64, progress=False)
+    monkeypatch.setattr(fit_mod.TrainingState, "due", lambda self, step: True)
+    train_ref(ref, 1, state_dir=folder, max_steps=3, **kwargs)  # leaves a state at step 2
+    assert torch.load(folder / TRAINING_STATE, weights_only=True)["step"] == 2
+    lines: list[str] = []
+    fresh, _ = train_ref(ref, 1, max_steps=2, **kwargs)
+    other, _ = train_ref(ref, 1, state_dir=folder, max_steps=2, log=lines.append, **kwargs)
+    assert _same_weights(fresh, other) and "another training run" in lines[0]

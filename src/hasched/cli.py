@@ -139,7 +139,9 @@ def train(
     folder = check_store(name, seed, models_dir)  # a bad store fails now, not after training
     build_model(ref, seed)  # so does a bad model reference, before anything is created
     make_dirs(folder)
-    net, meta = train_ref(ref, seed, data_dir=data_dir, epochs=epochs, train_subset=train_subset)
+    # A run killed part-way resumes from the state kept in its checkpoint folder.
+    net, meta = train_ref(ref, seed, data_dir=data_dir, epochs=epochs, train_subset=train_subset,
+                          state_dir=folder, log=_log)
     save_checkpoint(net, meta, models_dir)
     typer.echo(f"{name} seed {seed}: test accuracy {meta['test_accuracy']:.4f} "
                f"({meta['epochs']} epochs, {meta.get('steps', '?')} steps) -> "

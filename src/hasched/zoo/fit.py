@@ -8,6 +8,8 @@ through the generator they are given.
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from hasched.zoo.data import Dataset, InputAdapter
 from hasched.zoo.models import TrainRecipe
 from hasched.zoo.ref import ModelRef
 
-__all__ = ["BN_RECALIBRATION_IMAGES", "check_outputs", "evaluate_accuracy", "fit",
+__all__ = ["BN_RECALIBRATION_IMAGES", "TrainingState", "check_outputs", "evaluate_accuracy", "fit",
            "make_optimizer", "min_batch_size", "recalibrate_batchnorm"]
 
 # Training images that re-estimate BatchNorm statistics after training.
@@ -137,19 +139,35 @@ def fit(
     shuffle_gen: torch.Generator,
     progress: bool,
     desc: str,
+    state: TrainingState | None = None,
 ) -> tuple[int, float]:
-    """The optimisation loop; returns ``(steps taken, last loss)``."""
+    """The optimisation loop; returns ``(steps taken, last loss)``.
+
+    With ``state``, the loop saves everything it needs to continue (weights, optimiser,
+    step, position in the epoch's shuffled order, the shuffle generator at the epoch's
+    start and the global RNG that dropout draws from) and, when a saved state for the same
+    run exists, continues from it: a run killed at any point ends with the same weights,
+    bit for bit, as an uninterrupted one.
+    """
     opt = make_optimizer(model, recipe)
     loss_fn = nn.CrossEntropyLoss()
     n_train = int(y_train.shape[0])
     min_batch = min_batch_size(model)
-    step, loss_value = 0, float("nan")
-    bar = tqdm(total=total_steps, desc=desc, file=sys.stderr, disable=not progress,
-               unit="step", leave=False)
+    step, loss_value, resume_at = 0, float("nan"), 0
+    saved = state.load() if state is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        step, loss_value, resume_at = saved["step"], saved["loss"], saved["next_start"]
+        shuffle_gen.set_state(saved["epoch_gen"])
+        _set_global_rng(saved["rng"], x_train.device)
+    bar = tqdm(total=total_steps, initial=step, desc=desc, file=sys.stderr,
+               disable=not progress, unit="step", leave=False)
     with bar:
         while step < total_steps:
+            epoch_gen = shuffle_gen.get_state()  # the order below is redrawn from this
             order = torch.randperm(n_train, generator=shuffle_gen).to(x_train.device)
-            for start in range(0, n_train, recipe.batch_size):
+            for start in range(resume_at, n_train, recipe.batch_size):
                 if step >= total_steps:
                     break
                 idx = order[start : start + recipe.batch_size]
@@ -164,4 +182,74 @@ def fit(
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if state is not None and step < total_steps and state.due(step):
+                    state.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "step": step, "loss": loss_value,
+                                "next_start": start + recipe.batch_size,
+                                "epoch_gen": epoch_gen,
+                                "rng": _global_rng(x_train.device)})
+            resume_at = 0
     return step, loss_value
+
+
+def _global_rng(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_global_rng(states: list[torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda" and len(states) > 1:
+        torch.cuda.set_rng_state(states[1], device)
+
+
+class TrainingState:
+    """Where an interrupted training run is kept, and when it is saved.
+
+    Args:
+        path: The state file (``training-state.pt`` in the checkpoint's folder).
+        run: What identifies the run (model, seed, recipe, data, step budget); a state
+            saved for another run is ignored and replaced.
+        every_steps: Save after every this many steps; ``None``: every ``every_seconds``.
+        every_seconds: Wall-clock interval between saves when ``every_steps`` is None.
+        log: Called with one line when a run resumes or a stale state is replaced.
+    """
+
+    def __init__(self, path: Path, run: dict, every_steps: int | None = None,
+                 every_seconds: float = 60.0, log=None) -> None:
+        self.path, self.run = Path(path), run
+        self.every_steps, self.every_seconds = every_steps, every_seconds
+        self.log = log or (lambda msg: None)
+        self._last = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        if self.every_steps is not None:
+            return step % self.every_steps == 0
+        return time.monotonic() - self._last >= self.every_seconds
+
+    def load(self) -> dict | None:
+        """The saved state of this run, or None (no file, or another run's)."""
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a truncated or foreign file: start over
+            self.log(f"ignoring an unreadable training state {self.path}; starting over")
+            return None
+        if saved.get("run") != self.run:
+            self.log(f"{self.path} belongs to another training run; starting over")
+            return None
+        self.log(f"resuming training from step {saved['step']} ({self.path})")
+        return saved
+
+    def save(self, payload: dict) -> None:
+        from hasched.io import atomic_write
+
+        atomic_write(self.path, lambda fh: torch.save({**payload, "run": self.run}, fh))
+        self._last = time.monotonic()
+
+    def clear(self) -> None:
+        """Removes the state once the finished checkpoint is stored."""
+        self.path.unlink(missing_ok=True)

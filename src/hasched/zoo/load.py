@@ -31,10 +31,12 @@ import torch
 from torch import nn
 
 from hasched.errors import HaschedError
+from hasched.io import make_dirs
 from hasched.zoo.data import load_dataset, parse_image_range
 from hasched.zoo.ref import ModelRef, adapter_for, build_model, builder_origin
 from hasched.zoo.train import (
     CheckpointNotFoundError,
+    check_store,
     load_or_train_ref,
     load_stored,
     save_checkpoint,
@@ -100,10 +102,13 @@ def load_model(
         if not train:
             raise HaschedError(f"{err}; train it first (hasched train), give a checkpoint"
                                " file, or ask for random weights explicitly") from None
+    folder = check_store(ref.store_name, seed, models_dir)  # before, not after, training
+    make_dirs(folder)
     if log is not None:
         log(f"training {ref.store_name} seed {seed} on {ref.dataset}")
     model, meta = train_ref(ref, seed, data_dir=data_dir, epochs=epochs,
-                            train_subset=train_subset, progress=progress)
+                            train_subset=train_subset, progress=progress, state_dir=folder,
+                            log=log)
     save_checkpoint(model, meta, models_dir)
     return model, {**meta, "weights": "trained"}
 

@@ -34,7 +34,13 @@ from torch import nn
 from hasched.errors import HaschedError
 from hasched.io import atomic_write, check_out_dir, make_dirs, read_json, require
 from hasched.zoo.data import Dataset, dataset_classes, load_dataset
-from hasched.zoo.fit import check_outputs, evaluate_accuracy, fit, recalibrate_batchnorm
+from hasched.zoo.fit import (
+    TrainingState,
+    check_outputs,
+    evaluate_accuracy,
+    fit,
+    recalibrate_batchnorm,
+)
 from hasched.zoo.models import GENERIC_RECIPE, TrainRecipe, get_model_spec, init_weights
 from hasched.zoo.ref import ModelRef, adapter_for, build_model, builder_origin
 from hasched.zoo.weights import load_strict
@@ -62,6 +68,8 @@ __all__ = [
 
 _WEIGHTS = "model.safetensors"
 _META = "meta.json"
+# A killed training run's resume state, next to the checkpoint it will become.
+TRAINING_STATE = "training-state.pt"
 # Offsets the shuffling stream from the init stream so that neither depends on how many
 # numbers the other consumed.
 _SHUFFLE_SEED_OFFSET = 0x5EED_0FF5
@@ -152,6 +160,8 @@ def train_ref(
     device: str = "cpu",
     progress: bool = True,
     download: bool = True,
+    state_dir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train any referenced model on its dataset and evaluate it on the test split.
 
@@ -172,6 +182,10 @@ def train_ref(
         device: Torch device string.
         progress: Show a tqdm progress bar on stderr.
         download: Allow downloading the dataset if it is not found locally.
+        state_dir: Keep a resume state (``training-state.pt``) here while training, and
+            continue from one left by a killed run of the same training (bit for bit);
+            :func:`save_checkpoint` removes it. ``None``: no state is kept.
+        log: Called with one line when a run resumes.
 
     Returns:
         ``(model, meta)``: the trained model in eval mode and its metadata dict.
@@ -213,8 +227,12 @@ def train_ref(
         adapter = adapter_for(ref, model)
         check_outputs(model, ref, adapter(x_train[:2]), dataset_classes(ref.dataset))
         model.train()
+        state = None if state_dir is None else TrainingState(
+            Path(state_dir) / TRAINING_STATE, _run_identity(cfg, recipe, train, total_steps),
+            log=log)
         step, loss_value = fit(model, recipe, x_train, y_train, adapter, total_steps,
-                                shuffle_gen, progress, f"train {ref.store_name} seed{cfg.seed}")
+                                shuffle_gen, progress, f"train {ref.store_name} seed{cfg.seed}",
+                                state)
         n_recalibrated = recalibrate_batchnorm(model, x_train, adapter, recipe.batch_size)
     timing = (time.perf_counter() - started, time.process_time() - cpu_started)
     accuracy = evaluate_accuracy(model, test, device=cfg.device, adapter=adapter)
@@ -226,6 +244,15 @@ def train_ref(
     if n_recalibrated:
         meta["bn_recalibration_images"] = n_recalibrated
     return model, meta
+
+
+def _run_identity(cfg: TrainConfig, recipe: TrainRecipe, train: Dataset,
+                  total_steps: int) -> dict[str, Any]:
+    """What a resume state must match: the same model, seed, recipe, data and budget."""
+    return json.loads(json.dumps({
+        "ref": cfg.ref.to_dict(), "seed": cfg.seed, "recipe": repr(recipe),
+        "train_subset": cfg.train_subset, "train_fingerprint": train.fingerprint,
+        "total_steps": total_steps, "device": cfg.device}, default=str))
 
 
 def _train_meta(cfg: TrainConfig, recipe: TrainRecipe, data: tuple[Dataset, Dataset],
@@ -302,7 +329,7 @@ def check_store(model_name: str, seed: int, models_dir: str | Path | None = None
     folder = checkpoint_dir(model_name, seed, models_dir)
     check_out_dir(folder, what="checkpoint", option="--models-dir",
                   compatible=lambda _cfg, path: _foreign_store_file(path),
-                  legacy=lambda names: set(names) <= {_WEIGHTS, _META})
+                  legacy=lambda names: set(names) <= {_WEIGHTS, _META, TRAINING_STATE})
     return folder
 
 
@@ -338,6 +365,8 @@ def save_checkpoint(
             with contextlib.suppress(OSError):
                 os.unlink(folder / _WEIGHTS)
         raise
+    with contextlib.suppress(OSError):  # the run is stored: its resume state is not needed
+        os.unlink(folder / TRAINING_STATE)
     return folder
 
 
@@ -517,6 +546,7 @@ def load_or_train_ref(
         log(f"no checkpoint for {ref.store_name} seed {seed}: training it now (stored in"
             f" {folder})")
     model, meta = train_ref(ref, seed, data_dir=data_dir, epochs=epochs,
-                            train_subset=train_subset, progress=progress)
+                            train_subset=train_subset, progress=progress, state_dir=folder,
+                            log=log)
     save_checkpoint(model, meta, models_dir)
     return model, meta
