@@ -227,6 +227,9 @@ def _sample_trials(rates: torch.Tensor, n: int, generator: torch.Generator | Non
     a Binomial(n, rate) count and a uniform subset. Both are exact.
     """
     flat = rates.reshape(-1)
+    if not bool((flat > 0).any()):  # a fault-free layer (e.g. FR_max 0): nothing to draw
+        empty = torch.zeros(0, dtype=torch.long, device=flat.device)
+        return empty, empty.clone()
     many = flat * n >= 8.0
     parts = []
     if bool(many.any()):
