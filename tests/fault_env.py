@@ -18,7 +18,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -28,7 +27,7 @@ from hasched.io import LOCK_NAME  # noqa: F401  (re-exported for the tests)
 from hasched.zoo.data import load_dataset
 from hasched.zoo.models import create_model, get_model_spec, init_weights
 from hasched.zoo.train import evaluate_accuracy, save_checkpoint
-from idx_files import FILES, write_idx
+from idx_files import write_learnable
 
 
 @dataclass(frozen=True)
@@ -41,15 +40,7 @@ def make_world(root: Path) -> World:
     """Synthetic data and an untrained checkpoint (these tests are about files, not
     accuracy; skipping the training keeps them fast). Its metadata is what train_model
     would record."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 256), ("test", 128)):
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for i, lab in enumerate(labels):
-            images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
-        (root / "data" / "mnist").mkdir(parents=True, exist_ok=True)
-        write_idx(root / "data" / "mnist" / FILES[split][0], images)
-        write_idx(root / "data" / "mnist" / FILES[split][1], labels)
+    write_learnable(root / "data", 256, 128, seed=0, folders=("mnist",))
     spec = get_model_spec("mnist32-cnn")
     with torch.random.fork_rng():  # creating a model draws from the global RNG
         model = create_model("mnist32-cnn")

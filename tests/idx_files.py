@@ -20,12 +20,14 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
     path.write_bytes(gzip.compress(header + arr.tobytes()))
 
 
-def write_learnable(root: Path, n_train: int = 128, n_test: int = 32, seed: int = 1) -> Path:
-    """``root/mnist`` and ``root/fashion-mnist`` with a learnable task: each image is noise
-    plus a bright row band whose position is its label."""
+def write_learnable(root: Path, n_train: int = 128, n_test: int = 32, seed: int = 1,
+                    folders: tuple[str, ...] = ("mnist", "fashion-mnist")) -> Path:
+    """``root/<folder>`` for each folder (default ``mnist`` and ``fashion-mnist``) with a
+    learnable task: each image is noise plus a bright row band whose position is its label.
+    One generator seeded ``seed`` draws every folder and split in order."""
     rng = np.random.default_rng(seed)
-    for folder in ("mnist", "fashion-mnist"):
-        (root / folder).mkdir(parents=True)
+    for folder in folders:
+        (root / folder).mkdir(parents=True, exist_ok=True)
         for split, n in (("train", n_train), ("test", n_test)):
             labels = rng.integers(0, 10, n, dtype=np.uint8)
             images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)

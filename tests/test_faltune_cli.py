@@ -16,7 +16,7 @@ from hasched.study.axres import AxResSettings, run_axres, summarize_axres
 from hasched.study.scenario import Scenario
 from hasched.zoo import data
 from hasched.zoo.train import save_checkpoint, train_model
-from idx_files import FILES, write_idx
+from idx_files import write_learnable
 
 AX = ["--model", "mlp", "--mapping", "systolic:4x4", "--images", "24", "--multipliers",
       "drum4", "--sites", "product,accumulator", "--bits", "3,12", "--values", "1",
@@ -27,15 +27,7 @@ AX = ["--model", "mlp", "--mapping", "systolic:4x4", "--images", "24", "--multip
 def store(tmp_path_factory):
     """(data_dir, models_dir): synthetic MNIST and a 2-step mlp seed 1."""
     root = tmp_path_factory.mktemp("ax")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 160), ("test", 48)):
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for i, lab in enumerate(labels):
-            images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
-        (root / "data" / "mnist").mkdir(parents=True, exist_ok=True)
-        write_idx(root / "data" / "mnist" / FILES[split][0], images)
-        write_idx(root / "data" / "mnist" / FILES[split][1], labels)
+    write_learnable(root / "data", 160, 48, seed=0, folders=("mnist",))
     mp = pytest.MonkeyPatch()
     mp.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no dl")))
     model, meta = train_model("mlp", 1, data_dir=root / "data", max_steps=2, progress=False,

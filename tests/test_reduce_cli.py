@@ -7,7 +7,6 @@ import csv
 import json
 import sys
 
-import numpy as np
 import pytest
 
 from hasched.cli import main
@@ -16,7 +15,7 @@ from hasched.study.fapt import FineTune
 from hasched.study.resilience import ResilienceConfig, run_resilience
 from hasched.zoo import data
 from hasched.zoo.train import save_checkpoint, train_model
-from idx_files import FILES, write_idx
+from idx_files import write_learnable
 
 STUDY = ["--model", "mlp", "--mapping", "systolic:4x4", "--train-images", ":256",
          "--val-images", "48:96", "--images", ":48", "--batch-size", "32"]
@@ -27,15 +26,7 @@ MAP = ["--fault-rates", "0,0.2,0.4", "--epochs", "0,0.5,1", "--maps", "2"]
 def store(tmp_path_factory):
     """(data_dir, models_dir): synthetic MNIST and a briefly trained mlp seed 1."""
     root = tmp_path_factory.mktemp("reduce")
-    rng = np.random.default_rng(0)
-    (root / "data" / "mnist").mkdir(parents=True)
-    for split, n in (("train", 256), ("test", 96)):
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for i, lab in enumerate(labels):
-            images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
-        write_idx(root / "data" / "mnist" / FILES[split][0], images)
-        write_idx(root / "data" / "mnist" / FILES[split][1], labels)
+    write_learnable(root / "data", 256, 96, seed=0, folders=("mnist",))
     mp = pytest.MonkeyPatch()
     mp.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no dl")))
     model, meta = train_model("mlp", 1, data_dir=root / "data", train_subset=256,

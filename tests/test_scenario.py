@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -22,7 +21,7 @@ from hasched.study.scenario import (
 )
 from hasched.zoo import data
 from hasched.zoo.train import save_checkpoint, train_model
-from idx_files import FILES, write_idx
+from idx_files import write_learnable
 
 KNOWN = ["c0", "h0", "h1", "h2", "op"]
 
@@ -54,15 +53,7 @@ EXCLUDED["retrain"] = EXCLUDED["resilience"]
 def store(tmp_path_factory):
     """(data_dir, models_dir): synthetic MNIST and a 2-step mnist32-cnn seed 1."""
     root = tmp_path_factory.mktemp("scn")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 256), ("test", 96)):
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for i, lab in enumerate(labels):
-            images[i, 2 * lab + 4: 2 * lab + 6, :] = 255
-        (root / "data" / "mnist").mkdir(parents=True, exist_ok=True)
-        write_idx(root / "data" / "mnist" / FILES[split][0], images)
-        write_idx(root / "data" / "mnist" / FILES[split][1], labels)
+    write_learnable(root / "data", 256, 96, seed=0, folders=("mnist",))
     mp = pytest.MonkeyPatch()
     mp.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no dl")))
     model, meta = train_model("mnist32-cnn", 1, data_dir=root / "data", train_subset=256,
