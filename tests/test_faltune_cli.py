@@ -5,12 +5,11 @@ errors for bad LUT and chip files."""
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from hasched.cli import main
+from cli_run import cli, one_error
 from hasched.sim.multipliers import create_multiplier
 from hasched.study.axres import AxResSettings, run_axres, summarize_axres
 from hasched.study.scenario import Scenario
@@ -37,21 +36,8 @@ def store(tmp_path_factory):
     mp.undo()
 
 
-def cli(args, capsys, monkeypatch, store=None):
-    if store is not None:
-        monkeypatch.setenv("HASCHED_DATA_DIR", str(store[0]))
-        monkeypatch.setenv("HASCHED_MODELS_DIR", str(store[1]))
-    monkeypatch.setattr(sys, "argv", ["hasched", *[str(a) for a in args]])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
-def one_error(code, err, needle):
-    assert code == 2 and "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert lines[-1].startswith("hasched: error:") and needle in lines[-1], err
 
 
 def test_multipliers_lists_bundled_and_loaded_tables(tmp_path, capsys, monkeypatch):

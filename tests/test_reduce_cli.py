@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from cli_run import cli, one_error
 from hasched.cli import main
 from hasched.study.fap_study import FapStudy, load_context
 from hasched.study.fapt import FineTune
@@ -36,20 +37,8 @@ def store(tmp_path_factory):
     mp.undo()
 
 
-def cli(args, capsys, monkeypatch, store):
-    monkeypatch.setenv("HASCHED_DATA_DIR", str(store[0]))
-    monkeypatch.setenv("HASCHED_MODELS_DIR", str(store[1]))
-    monkeypatch.setattr(sys, "argv", ["hasched", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
-def one_error(code, err, needle):
-    assert code == 2 and "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert lines[-1].startswith("hasched: error:") and needle in lines[-1], err
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ on every command (in-process, on tiny synthetic data)."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from hasched.cli import app, main
+from cli_run import cli, one_error
+from hasched.cli import app
 from hasched.cli_options import SCENARIO_OPTION_NAMES
 from hasched.errors import HaschedError
 from hasched.study.build import build_evaluator, evaluate
@@ -63,22 +63,8 @@ def store(tmp_path_factory):
     mp.undo()
 
 
-def cli(args, capsys, monkeypatch, store=None):
-    """Runs ``hasched ARGS`` in-process as the console script would: (code, out, err)."""
-    if store is not None:
-        monkeypatch.setenv("HASCHED_DATA_DIR", str(store[0]))
-        monkeypatch.setenv("HASCHED_MODELS_DIR", str(store[1]))
-    monkeypatch.setattr(sys, "argv", ["hasched", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
-def one_error(code, err, needle):
-    assert code == 2 and "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert lines[-1].startswith("hasched: error:") and needle in lines[-1], err
 
 
 @pytest.mark.parametrize("command", sorted(EXCLUDED))
