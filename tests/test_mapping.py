@@ -151,3 +151,32 @@ def test_malformed_chip_files(tmp_path):
             ChipMap.load(tmp_path / name)
     with pytest.raises(HaschedError, match="not found"):
         ChipMap.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("mapping", ["gpu-tiles", "systolic:4x4"])
+def test_both_k_orders_give_identical_clean_int8_outputs(mapping):
+    """The reduction order only says which PE sums which product: a fault-free int8
+    accelerator (exact integer sums) gives the same outputs in either order, through a
+    multi-channel conv and the flattened dense layer after it."""
+    import torch.nn as nn
+
+    from hasched.sim.arithmetic import Int8
+    from hasched.sim.faults import create_fault
+    from hasched.sim.layers import inject_faults
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(5 * 4 * 4, 7)).eval()
+    x = torch.randn(6, 3, 6, 6)
+    outs = []
+    for order in ("chw", "hwc"):
+        m = GpuTiles(k_order=order) if mapping == "gpu-tiles" else Systolic(4, 4,
+                                                                             k_order=order)
+        rates = torch.zeros(m.pe_shape).reshape(-1)
+        faulty, st = inject_faults(model, ["0", "3"], m, rates, create_fault("bitflip"),
+                                   Int8("exact"), in_absmax={"0": 4.0, "3": 4.0},
+                                   spatial={"3": (5, 4, 4)})
+        st.configure(None, 1)
+        with torch.no_grad():
+            outs.append(faulty(x))
+    assert torch.equal(outs[0], outs[1])
