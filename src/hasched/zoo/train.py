@@ -212,28 +212,12 @@ def train_ref(
     n_epochs, steps_per_epoch, total_steps = _step_budget(cfg, recipe, n_train)
     x_train, y_train = x_train.to(cfg.device), y_train.to(cfg.device)
 
-    init_gen = torch.Generator().manual_seed(cfg.seed)
-    shuffle_gen = torch.Generator().manual_seed(cfg.seed + _SHUFFLE_SEED_OFFSET)
-    dev = torch.device(cfg.device)
-    # fork_rng restores the CPU RNG plus the listed CUDA devices' RNGs afterwards.
-    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    state = None if state_dir is None else TrainingState(
+        Path(state_dir) / TRAINING_STATE, _run_identity(cfg, recipe, train, total_steps),
+        log=log)
     started, cpu_started = time.perf_counter(), time.process_time()
-    with torch.random.fork_rng(devices=fork_devices):
-        # Dropout and builders' own inits draw from the (forked) global RNG.
-        torch.manual_seed(cfg.seed)
-        model = build_model(ref)
-        init_weights(model, recipe.init, init_gen)
-        model.to(cfg.device)
-        adapter = adapter_for(ref, model)
-        check_outputs(model, ref, adapter(x_train[:2]), dataset_classes(ref.dataset))
-        model.train()
-        state = None if state_dir is None else TrainingState(
-            Path(state_dir) / TRAINING_STATE, _run_identity(cfg, recipe, train, total_steps),
-            log=log)
-        step, loss_value = fit(model, recipe, x_train, y_train, adapter, total_steps,
-                                shuffle_gen, progress, f"train {ref.store_name} seed{cfg.seed}",
-                                state)
-        n_recalibrated = recalibrate_batchnorm(model, x_train, adapter, recipe.batch_size)
+    model, adapter, step, loss_value, n_recalibrated = _build_and_fit(
+        cfg, recipe, x_train, y_train, total_steps, progress, state)
     timing = (time.perf_counter() - started, time.process_time() - cpu_started)
     accuracy = evaluate_accuracy(model, test, device=cfg.device, adapter=adapter)
     model.eval()
@@ -244,6 +228,36 @@ def train_ref(
     if n_recalibrated:
         meta["bn_recalibration_images"] = n_recalibrated
     return model, meta
+
+
+def _build_and_fit(cfg: TrainConfig, recipe: TrainRecipe, x_train: torch.Tensor,
+                   y_train: torch.Tensor, total_steps: int, progress: bool,
+                   state: TrainingState | None):
+    """Builds, initialises and trains the model inside a forked global RNG (dropout and
+    builders' own inits draw from it), so the caller's RNG is untouched.
+
+    Returns:
+        ``(model, adapter, steps taken, last loss, BatchNorm recalibration images)``.
+    """
+    ref = cfg.ref
+    init_gen = torch.Generator().manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + _SHUFFLE_SEED_OFFSET)
+    dev = torch.device(cfg.device)
+    # fork_rng restores the CPU RNG plus the listed CUDA devices' RNGs afterwards.
+    fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        model = build_model(ref)
+        init_weights(model, recipe.init, init_gen)
+        model.to(cfg.device)
+        adapter = adapter_for(ref, model)
+        check_outputs(model, ref, adapter(x_train[:2]), dataset_classes(ref.dataset))
+        model.train()
+        step, loss_value = fit(model, recipe, x_train, y_train, adapter, total_steps,
+                                shuffle_gen, progress, f"train {ref.store_name} seed{cfg.seed}",
+                                state)
+        n_recalibrated = recalibrate_batchnorm(model, x_train, adapter, recipe.batch_size)
+    return model, adapter, step, loss_value, n_recalibrated
 
 
 def _run_identity(cfg: TrainConfig, recipe: TrainRecipe, train: Dataset,
