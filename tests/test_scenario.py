@@ -215,7 +215,7 @@ def test_any_model_end_to_end_from_the_cli(store, capsys, monkeypatch, tmp_path)
         assert code == 0, err
         rec = json.loads(out)
         assert rec["scenario"]["model"] == src and rec["layers"] == [layer]
-        assert rec["path"] == ("dense-expanded" if "resnet" in src else "incremental")
+        assert rec["path"] == ("graph" if "resnet" in src else "incremental")
     code, _, err = cli(["evaluate", "--torchvision", "resnet18", "--model", "mlp"], capsys,
                        monkeypatch, store)
     one_error(code, err, "one model source")

@@ -32,6 +32,7 @@ from hasched.errors import HaschedError
 from hasched.sim.arithmetic import Arithmetic, Fp32
 from hasched.sim.faults import ChipFault, FaultModel
 from hasched.sim.gemm import choose_mode
+from hasched.sim.graph import GraphEngine, GraphUnsupported
 from hasched.sim.incremental import IncrementalEngine
 from hasched.sim.layers import FaultState, FaultyLayer, inject_faults
 from hasched.sim.mapping import GpuTiles, Mapping
@@ -53,6 +54,10 @@ class EvalConfig:
         incremental: Use delta propagation when the first faulty layer is sparse and a
             direct child of an ``nn.Sequential``.
         max_hits: Cap on sampled hits per chunk on the incremental path (memory).
+        graph: Any other model (residual nets, nested faulty layers, custom forwards):
+            trace it with torch.fx and run the clean part once and only the faulty part
+            per member (:mod:`hasched.sim.graph`); ``False`` runs the whole suffix with
+            the population folded into the batch.
         calibration_images: Images used for int8 activation scales when none are given.
     """
 
@@ -61,6 +66,7 @@ class EvalConfig:
     prefix_batch: int = 1024
     incremental: bool = True
     max_hits: int = 4_000_000
+    graph: bool = True
     calibration_images: int = 512
 
 
@@ -130,7 +136,9 @@ class FaultyEvaluator:
             self._clean_pass()
             self.state.check_called(lambda: self._run(self.inputs[:1], clean=True))
         self._engine: IncrementalEngine | None = None
+        self._graph_engine: GraphEngine | None = None
         self.last_path = ""
+        self.fallback_reason = ""  # why the graph path is not taken (empty when it is)
 
     # ------------------------------------------------------------------------ set-up
     def _split(self, model: nn.Module, images: torch.Tensor) -> None:
@@ -191,6 +199,20 @@ class FaultyEvaluator:
                                              self.config.prefix_batch)
         return self._engine
 
+    def _graph(self) -> GraphEngine | None:
+        """The fx split engine for models the Sequential paths cannot split (built once)."""
+        if not (self._expand_input and self.config.graph) or self.fallback_reason:
+            return None
+        if self._graph_engine is None:
+            try:
+                self._graph_engine = GraphEngine(
+                    self.suffix, self.state, self.inputs[:4],
+                    cache_bytes=self.config.memory_mb * 2**20)
+            except GraphUnsupported as err:
+                self.fallback_reason = str(err)
+                return None
+        return self._graph_engine
+
     # -------------------------------------------------------------------- properties
     @property
     def n_images(self) -> int:
@@ -225,6 +247,12 @@ class FaultyEvaluator:
         sizes: list[int] = []
         hooks = [m.register_forward_hook(lambda _m, _i, o: sizes.append(o[0].numel()))
                  for m in self.suffix.modules() if not list(m.children())]
+        self._cols: dict[str, int] = {}  # output columns per image of each faulty layer
+
+        def cols(name: str, layer: FaultyLayer):
+            return lambda _m, _i, o: self._cols.__setitem__(name, o[0].numel() // layer.rows)
+        hooks += [layer.register_forward_hook(cols(n, layer))
+                  for n, layer in self.state.layers.items()]
         self.state.enabled = False
         try:
             self.suffix(self.inputs[:1])
@@ -233,15 +261,28 @@ class FaultyEvaluator:
             for h in hooks:
                 h.remove()
         act = max(sizes + [int(self.inputs[0].numel())])
+        # Activations in flight (x3) on every path; on the dense path also the partial
+        # products with their uniforms and mask (x3; the corrupted copy and the float64
+        # deltas add about as much again, which the default budget leaves room for).
+        self._act_bytes = 4 * 3 * act
         pp = max(layer.plan.n_chains for layer in self.state.layers.values()) * act
-        # Activations in flight (x3) plus, on the dense path, the partial products with
-        # their uniforms and mask (x3; the corrupted copy and the float64 deltas add about
-        # as much again, which the default budget leaves room for).
-        return 4 * (3 * act + 3 * pp)
+        return self._act_bytes + 4 * 3 * pp
 
-    def _chunk(self, population: int) -> int:
+    def _chunk(self, population: int, sparse_aware: bool = False) -> int:
+        """Images per chunk so that ``population`` members fit the memory budget.
+
+        ``sparse_aware`` sizes chunks of sparse layers by their hits, not by their partial
+        products (the graph path; the older paths keep their chunks, hence their draws).
+        """
         budget = self.config.memory_mb * 2**20
-        return max(1, min(self.n_images, budget // (population * self._per_sample_bytes)))
+        per_sample = self._per_sample_bytes
+        if sparse_aware and all(m != "dense" for m in self.layer_modes().values()):
+            # Sparse layers never materialise partial products: activations plus the
+            # sampled hits (about 64 bytes each with their indices and deltas).
+            hits = sum(layer.faults.expected_hits(1, 1) * self._cols[n]
+                       for n, layer in self.state.layers.items() if layer.faults is not None)
+            per_sample = self._act_bytes + int(64 * hits / max(population, 1))
+        return max(1, min(self.n_images, budget // (population * per_sample)))
 
     # -------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -271,8 +312,11 @@ class FaultyEvaluator:
                                                                                     repeats)
         total = torch.zeros(pop, dtype=torch.float64, device=self.device)
         engine = self._incremental()
-        self.last_path = "incremental" if engine is not None else (
-            "dense-expanded" if self._expand_input else "dense-suffix")
+        graph = self._graph() if engine is None else None
+        self.last_path = ("incremental" if engine is not None else "graph" if graph else
+                          "dense-expanded" if self._expand_input else "dense-suffix")
+        if graph is not None:
+            return self._graph_scores(graph, pop, total).reshape(-1, repeats)
         if engine is not None:
             for i, nb in self._incremental_chunks(engine, pop):
                 st.expanded = False
@@ -287,6 +331,17 @@ class FaultyEvaluator:
             labels, clean = self.labels[sl].repeat(pop), self.clean_pred[sl].repeat(pop)
             total += self.metric(logits, labels, clean).reshape(pop, -1).sum(1)
         return total.reshape(-1, repeats)
+
+    def _graph_scores(self, graph: GraphEngine, pop: int, total: torch.Tensor
+                      ) -> torch.Tensor:
+        step = self._chunk(pop, sparse_aware=True)
+        for i in range(0, self.n_images, step):
+            nb = min(step, self.n_images - i)
+            front = graph.frontier_for(self.inputs, i, nb, self.config.prefix_batch)
+            sl = slice(i, i + nb)
+            total += graph.score(front, nb, self.metric, self.labels[sl], self.clean_pred[sl],
+                                 self.clean_score[sl])
+        return total
 
     def _incremental_chunks(self, engine: IncrementalEngine, pop: int):
         first = engine.first

@@ -227,6 +227,7 @@ def evaluate(
         "error_seed": error_seed,
         "scheduled": sorted(perms) if perms else [],
         "path": ev.last_path,
+        "fallback": ev.fallback_reason or None,
         "layer_paths": ev.layer_modes(),
         "reference_accuracy": ev.reference_score,
         "clean_accuracy": ev.clean_accuracy,
