@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from hasched.cli_options import scenario_from, scenario_options
+from hasched.cli_options import ExecutorOpt, executor_from, scenario_from, scenario_options
 from hasched.cli_search import (
     AlgorithmOpt,
     OptionOpt,
@@ -276,6 +276,7 @@ def sensitivity(
     scn: dict,
     out: Annotated[Path, typer.Option("--out", help="Campaign folder (resumed if it exists).")],
     workers: Annotated[int, typer.Option(help="CPU worker processes.")] = 1,
+    executor: ExecutorOpt = "local",
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
@@ -286,6 +287,7 @@ def sensitivity(
     FR_max x profile seeds; the other scenario options apply to every cell."""
     from hasched.study.campaign import CampaignConfig, run_campaign
 
+    runner = None if executor == "local" else executor_from(executor, workers)
     if device == "auto":
         import torch
 
@@ -297,7 +299,7 @@ def sensitivity(
                                    scn["fr_max"], scn["profile_seed"], scn["repeats"],
                                    None if images == "all" else images, device, base=base)
     res = run_campaign(cfg, out, workers=workers, models_dir=models_dir, data_dir=data_dir,
-                       log=_log, train=train)
+                       log=_log, train=train, executor=runner)
     typer.echo(f"{res['computed']} cells computed, {res['done_before']} already done, "
                f"{res['cells']} in the grid; {res['rows']} rows in {out / 'results.csv'} "
                f"({res['seconds']:.0f} s)")

@@ -199,3 +199,20 @@ def scenario_from(scn: dict, layers: tuple[str, ...] | None = None, **override):
     elif isinstance(d.get("layers"), str):
         d["layers"] = tuple(d["layers"].split("+"))
     return Scenario(**d)
+
+
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="Where jobs run: local (worker processes) or ray[:ADDRESS] (a local "
+    "Ray instance, or a running cluster at ADDRESS / auto); needs pip install 'hasched[ray]'.")]
+
+
+def executor_from(spec: str, workers: int):
+    """``local`` or ``ray[:ADDRESS]`` -> an executor (``--workers`` sizes the local ones)."""
+    from hasched.study.executor import LocalExecutor, RayExecutor
+
+    kind, _, address = spec.partition(":")
+    if kind == "local" and not address:
+        return LocalExecutor(workers)
+    if kind == "ray":
+        return RayExecutor(address or None, num_cpus=workers if workers > 1 else None)
+    raise HaschedError(f"--executor must be local or ray[:ADDRESS], got {spec!r}")

@@ -30,10 +30,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -50,6 +50,7 @@ from hasched.io import (
 )
 from hasched.seeds import derive_seed
 from hasched.sim.gemm import SAMPLER_VERSION
+from hasched.study.executor import Executor, LocalExecutor
 from hasched.study.scenario import Scenario
 
 __all__ = [
@@ -431,11 +432,9 @@ def _default_evaluate(cfg: CampaignConfig, cell: Cell) -> dict:
     return evaluate(ev, repeats=scn.repeats, error_seed=scn.error_seed)
 
 
-def _init_worker(devices, threads: int, models_dir, data_dir) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER.update(models_dir=models_dir, data_dir=data_dir, device=devices.get())
+def _setup_worker(models_dir, data_dir, device: str, threads: int) -> None:
+    """Prepares a worker (process or Ray task) for :func:`_work` (picklable as a partial)."""
+    _WORKER.update(models_dir=models_dir, data_dir=data_dir, device=device)
 
 
 def _work(args: tuple) -> tuple[str, dict]:
@@ -476,6 +475,7 @@ def run_campaign(
     max_cells: int | None = None,
     evaluate_fn: Evaluate | None = None,
     train: bool = False,
+    executor: Executor | None = None,
 ) -> dict:
     """Runs (or resumes) a campaign into ``out`` and rebuilds its tables.
 
@@ -495,6 +495,8 @@ def run_campaign(
             defaults to :func:`hasched.study.build.evaluate` on a fresh evaluator. Must be picklable
             when ``workers > 1``.
         train: Train missing checkpoints (else a missing one is an error).
+        executor: Where cells run (default: :class:`LocalExecutor` with ``workers``);
+            e.g. :class:`hasched.study.executor.RayExecutor`. The tables do not depend on it.
 
     Returns:
         ``{"cells", "done_before", "computed", "rows", "seconds", "complete"}``.
@@ -502,7 +504,7 @@ def run_campaign(
     if workers < 1:
         raise HaschedError(f"--workers must be >= 1, got {workers}")
     check_campaign_dir(out, cfg)
-    devices = _devices(cfg, workers, evaluate_fn)
+    executor = executor or LocalExecutor(workers, tuple(_devices(cfg, workers, evaluate_fn)))
     if evaluate_fn is None:
         _check_inputs(cfg, models_dir, data_dir, train)
     with open_store(out, cfg, log=log) as out:
@@ -518,8 +520,8 @@ def run_campaign(
                 load_model(cfg.base.model_ref(), seed, models_dir=models_dir,
                            data_dir=data_dir, train=train, log=log, progress=progress)
         t0 = time.perf_counter()
-        computed = _compute(cfg, out, cells, len(done), pending, devices[:len(pending)],
-                            evaluate_fn, models_dir, data_dir, progress)
+        computed = _compute(cfg, out, cells, len(done), pending, executor, evaluate_fn,
+                            partial(_setup_worker, models_dir, data_dir), progress)
         seconds = time.perf_counter() - t0
         df, _ = write_tables(out)
     return {"cells": len(cells), "done_before": len(done), "computed": computed,
@@ -528,46 +530,23 @@ def run_campaign(
 
 
 def _compute(cfg: CampaignConfig, out: Path, cells: list[Cell], n_done: int,
-             pending: list[Cell], devices: list[str], evaluate_fn: Evaluate | None,
-             models_dir, data_dir, progress: bool) -> int:
+             pending: list[Cell], executor: Executor, evaluate_fn: Evaluate | None,
+             setup: Callable[[str, int], None], progress: bool) -> int:
     """Evaluates the pending cells, saving each as it finishes; returns how many."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(cells), initial=n_done, desc=f"sensitivity {cfg.model}", unit="cell",
                disable=not progress, dynamic_ncols=True)
     computed = 0
-    by_key = {c.key: c for c in cells}
-
-    def save(key: str, res: dict) -> None:
-        nonlocal computed
-        cell = by_key[key]
-        obj = {"key": key, "cell": asdict(cell), "rows": _rows(cfg, cell, res)}
-        atomic_write(_part_path(out, cell), json.dumps(obj) + "\n")
-        computed += 1
-        bar.update(1)
-
+    jobs = [(cfg, c, evaluate_fn) for c in pending]
     try:
-        if len(devices) <= 1:
-            _WORKER.update(models_dir=models_dir, data_dir=data_dir,
-                           device=devices[0] if devices else "cpu")
-            try:
-                for cell in pending:
-                    save(*_work((cfg, cell, evaluate_fn)))
-            finally:
-                _WORKER.clear()
-        else:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")
-            queue = ctx.Queue()
-            for d in devices:
-                queue.put(d)
-            threads = max(1, (os.cpu_count() or 1) // len(devices))
-            with ctx.Pool(len(devices), initializer=_init_worker,
-                          initargs=(queue, threads, models_dir, data_dir)) as pool:
-                jobs = ((cfg, c, evaluate_fn) for c in pending)
-                for key, res in pool.imap_unordered(_work, jobs):
-                    save(key, res)
+        for _, (key, res) in executor.map_unordered(_work, jobs, setup):
+            cell = next(c for c in pending if c.key == key)
+            obj = {"key": key, "cell": asdict(cell), "rows": _rows(cfg, cell, res)}
+            atomic_write(_part_path(out, cell), json.dumps(obj) + "\n")
+            computed += 1
+            bar.update(1)
     finally:
         bar.close()
+        _WORKER.clear()
     return computed
