@@ -6,12 +6,12 @@ from __future__ import annotations
 import sys
 
 import pytest
-from cli_run import cli, one_error
-from test_campaign import fake_eval, small_cfg
 
+from cli_run import cli, one_error
 from hasched.errors import HaschedError
 from hasched.study.campaign import run_campaign
 from hasched.study.executor import LocalExecutor, RayExecutor
+from test_campaign import fake_eval, small_cfg
 
 
 def _tables(folder) -> tuple[bytes, bytes]:
