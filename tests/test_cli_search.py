@@ -114,3 +114,24 @@ def test_demo_runs_the_demo_searcher_against_random_search(store, tmp_path):
     summ = json.loads((sdir / "summary.json").read_text())
     assert summ["settings"]["algorithm"] == "criticality"
     assert sum(summ["search"]["evaluations"]) == 33 and (sdir / "recovery.png").is_file()
+
+
+def test_reproduce_on_worker_processes_gives_the_same_results(store, tmp_path, monkeypatch):
+    import hasched.study.reproduce as rp
+
+    settings = rp.SearchSettings(population=4, generations=2, runs=1,
+                                 scenario=rp.Scenario(repeats=2), search_images="96:",
+                                 holdout_images=":32", holdout_repeats=3)
+    cases = [rp.Case("mnist32-cnn", "c0", "flip-to-1", 5e-3, "a"),
+             rp.Case("mnist32-cnn", "h0", "bitflip", 2e-3, "b")]
+    monkeypatch.setattr(rp, "QUICK", rp.Plan(cases, (1,), (1, 2), settings, "tiny"))
+    results = []
+    for workers, out in ((1, tmp_path / "seq"), (2, tmp_path / "pool")):
+        res = cli("reproduce", "--quick", "--out", out, "--algorithm", "random",
+                  "--workers", workers, *store)
+        assert res.exit_code == 0, res.output
+        summaries = sorted((out / "cases-random").rglob("summary.json"))
+        assert len(summaries) == 4  # 2 cases x 2 profile seeds
+        results.append([(p.relative_to(out), json.loads(p.read_text())["results"])
+                        for p in summaries])
+    assert results[0] == results[1]

@@ -390,6 +390,8 @@ def reproduce(
         help="Reduced plan: the 12 mnist32-cnn cases, small GA (~15 min on 2 cores).")] = False,
     algorithm: AlgorithmOpt = "ga",
     option: OptionOpt = None,
+    workers: Annotated[int, typer.Option(help="Searches run at once (worker processes).")] = 1,
+    executor: ExecutorOpt = "local",
     device: DeviceOpt = "cpu",
     models_dir: ModelsDirOpt = None,
     data_dir: DataDirOpt = None,
@@ -399,10 +401,12 @@ def reproduce(
     layers, fault and FR_max; the other scenario options apply to every case."""
     from hasched.study.reproduce import run_reproduce
 
+    runner = executor_from(executor, workers)
     base = scenario_from(scn).validate()
     options = parse_options(option)
     run_reproduce(out, quick, device=device, models_dir=models_dir, data_dir=data_dir, log=_log,
-                  train=train, base=base, algorithm=algorithm, options=options)
+                  train=train, base=base, algorithm=algorithm, options=options,
+                  executor=runner)
     suffix = "" if algorithm == "ga" and not options else f"-{algorithm}"
     typer.echo(f"report: {Path(out) / f'REPORT{suffix}.md'}")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from hasched.errors import HaschedError
 from hasched.io import atomic_write, check_out_dir, claim_out_dir
 from hasched.sim.evaluator import summarize
+from hasched.study.executor import Executor, LocalExecutor
 from hasched.study.scenario import Scenario
 from hasched.study.schedule_search import SearchSettings, run_has_search
 
@@ -152,6 +153,7 @@ def run_reproduce(
     base: Scenario | None = None,
     algorithm: str = "ga",
     options: dict | None = None,
+    executor: Executor | None = None,
 ) -> list[dict]:
     """Run (or resume) every case of the plan and write ``REPORT.md``; returns its rows.
 
@@ -185,8 +187,8 @@ def run_reproduce(
     t0 = time.perf_counter()
     with claim_out_dir(out, {"hasched": "reproduce", "plan": "quick" if quick else "full",
                              "base": base.to_dict()}, log=log):
-        rows = [_run_case(out / cases, plan, k, case, device, models_dir, data_dir, log,
-                          progress, train, base) for k, case in enumerate(plan.cases)]
+        rows = _run_cases(out / cases, plan, executor or LocalExecutor(), device,
+                          models_dir, data_dir, log, progress, train, base)
         plot_cases([{"name": r["case"].name, **{k: r[k] for k in ("clean", "identity", "has",
                                                                      "random")}} for r in rows],
                    out / f"recovery-cases{suffix}.png")
@@ -196,17 +198,35 @@ def run_reproduce(
     return rows
 
 
-def _run_case(cases: Path, plan: Plan, k: int, case: Case, device: str, models_dir, data_dir,
-              log: Callable[[str], None], progress: bool, train: bool, base: Scenario) -> dict:
-    """Every seed combination of one case (each its own resumable search folder)."""
-    runs = []
-    for ms in plan.model_seeds:
-        for ps in plan.profile_seeds:
-            log(f"[{k + 1}/{len(plan.cases)}] {case.name} model seed {ms} profile seed {ps}")
-            s = replace(plan.settings, scenario=case.scenario(base, ms, ps), device=device)
-            runs.append(run_has_search(cases / case.slug / f"ms{ms}_ps{ps}", s,
-                                       models_dir=models_dir, data_dir=data_dir, log=log,
-                                       progress=progress, train=train))
+def _search_job(job: tuple) -> dict:
+    """One seed pair of one case: a resumable search folder (picklable for executors)."""
+    folder, settings, models_dir, data_dir, progress, train = job
+    return run_has_search(folder, settings, models_dir=models_dir, data_dir=data_dir,
+                          progress=progress, train=train)
+
+
+def _run_cases(cases: Path, plan: Plan, executor: Executor, device: str, models_dir,
+               data_dir, log: Callable[[str], None], progress: bool, train: bool,
+               base: Scenario) -> list[dict]:
+    """Every seed combination of every case (each its own resumable search folder)."""
+    keys, jobs = [], []
+    for k, case in enumerate(plan.cases):
+        for ms in plan.model_seeds:
+            for ps in plan.profile_seeds:
+                s = replace(plan.settings, scenario=case.scenario(base, ms, ps), device=device)
+                keys.append(k)
+                jobs.append((cases / case.slug / f"ms{ms}_ps{ps}", s, models_dir, data_dir,
+                             progress, train))
+    runs: list[dict | None] = [None] * len(jobs)
+    for done, (i, res) in enumerate(executor.map_unordered(_search_job, jobs), 1):
+        runs[i] = res
+        log(f"[{done}/{len(jobs)}] {plan.cases[keys[i]].name} {jobs[i][0].name} done")
+    return [_case_row(case, [r for r, k in zip(runs, keys, strict=True) if k == n])
+            for n, case in enumerate(plan.cases)]
+
+
+def _case_row(case: Case, runs: list[dict]) -> dict:
+    """A case's report row from its seed pairs' search results."""
     row = {"case": case, "runs": len(runs),
            "search_seconds": sum(r["search"]["search_seconds"] for r in runs)}
     for key in ("clean", "identity", "has", "random"):
