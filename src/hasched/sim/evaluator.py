@@ -121,6 +121,10 @@ class FaultyEvaluator:
         self.arithmetic = arithmetic or Fp32()
         self.metric_name, self.metric = resolve_metric(metric)
         self.device = images.device
+        if self.device.type == "cuda":
+            # TF32 is one of the simulated errors: the simulator itself computes in FP32.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.layers = list(layers)
         self.fault_model, rates = _fault_source(fault, profile, chip, self.mapping)
         model = model.to(self.device).eval()
