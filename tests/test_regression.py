@@ -42,7 +42,12 @@ def setup():
 def test_gpu_tiles_numbers_are_unchanged(setup, layers, error, fr, path, counts):
     m, x, y = setup
     ls = layers.split(",")
-    cfg = EvalConfig(incremental=path != "plain")
+    # Each case asks for its path (the cost model may now pick another one for the same
+    # scenario) and, on the incremental path, for one chunk of 300 images as in the first
+    # engine: chunk boundaries are part of the draws, and default chunks are now bounded by
+    # memory.
+    inc = path == "incremental"
+    cfg = EvalConfig(incremental=inc, memory_mb=2048 if inc else EvalConfig.memory_mb)
     ev = FaultyEvaluator(m, x, y, ls, create_fault(error), FaultProfile.generate(fr, 1),
                          config=cfg)
     perms = {n: torch.stack([torch.arange(r), torch.randperm(

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from hasched.errors import HaschedError
 from hasched.sim.arithmetic import Arithmetic, Fp32
+from hasched.sim.costs import LayerCost, path_costs
 from hasched.sim.faults import ChipFault, FaultModel
 from hasched.sim.gemm import choose_mode
 from hasched.sim.graph import GraphEngine, GraphUnsupported
@@ -194,14 +195,28 @@ class FaultyEvaluator:
         if not (self._direct and self.config.incremental):
             return None
         first = self.suffix[0]
-        if choose_mode(first.faults, self.config.mode) == "dense":
+        fa = first.faults
+        if fa.model.permanent:
+            if fa.expected_hits(1, 1) > 1e5:
+                return None
+        elif self.config.mode == "dense":
             return None
-        if first.faults.model.permanent and first.faults.expected_hits(1, 1) > 1e5:
-            return None
+        elif self.config.mode == "auto" and fa.site == "output":
+            cost = self.path_costs()
+            if cost["incremental"] > min(cost["dense"], cost["sparse"]):
+                return None
         if self._engine is None:
             self._engine = IncrementalEngine(self.suffix, self.inputs, self.state,
                                              self.config.prefix_batch)
         return self._engine
+
+    def path_costs(self) -> dict[str, float]:
+        """Estimated ns of the dense, sparse and incremental paths for the configured
+        population, from the first faulty layer's hits, shape and downstream MACs."""
+        name = next(iter(self.state.layers)) if not self._direct else self.suffix[0].layer_name
+        layer = self.state.layers[name]
+        hits = layer.faults.expected_hits(1, self._cols[name])
+        return path_costs(self._layer_cost[name], hits, layer.faults.population, self.n_images)
 
     def _graph(self) -> GraphEngine | None:
         """The fx split engine for models the Sequential paths cannot split (built once)."""
@@ -249,7 +264,12 @@ class FaultyEvaluator:
     def _probe_bytes(self) -> int:
         """Bytes one image needs per population member in the faulty suffix (estimate)."""
         sizes: list[int] = []
-        hooks = [m.register_forward_hook(lambda _m, _i, o: sizes.append(o[0].numel()))
+        macs: list[tuple[nn.Module, int]] = []  # (leaf, MACs per image) in execution order
+
+        def record(m: nn.Module, _i, o) -> None:
+            sizes.append(o[0].numel())
+            macs.append((m, _macs(m, o[0])))
+        hooks = [m.register_forward_hook(record)
                  for m in self.suffix.modules() if not list(m.children())]
         self._cols: dict[str, int] = {}  # output columns per image of each faulty layer
 
@@ -264,6 +284,8 @@ class FaultyEvaluator:
             self.state.enabled = True
             for h in hooks:
                 h.remove()
+        self._layer_cost = {n: _layer_cost(layer, self._cols[n], macs)
+                            for n, layer in self.state.layers.items()}
         act = max(sizes + [int(self.inputs[0].numel())])
         # Activations in flight (x3) on every path; on the dense path also the partial
         # products with their uniforms and mask (x3; the corrupted copy and the float64
@@ -353,8 +375,11 @@ class FaultyEvaluator:
         hits_per_image = first.faults.expected_hits(1, cols)
         # Only the hits and the affected rows are materialised here, so the chunk is
         # bounded by the hit budget, not by the dense path's activation estimate.
-        step = max(1, int(self.config.max_hits / max(hits_per_image, 1.0)))
         budget = self.config.memory_mb * 2**20
+        # Hits in flight cost their indices, deltas and sort temporaries plus the gathered
+        # chain operands (measured: ~1 KB per hit of a 32-element chain).
+        cap = min(self.config.max_hits, budget // (128 + 28 * first.faults.plan.chain))
+        step = max(1, int(cap / max(hits_per_image, 1.0)))
         step = min(step, max(1, budget // (pop * 12 * engine.dense_width)))
         if engine.later_faulty:
             step = min(step, self._chunk(pop))
@@ -372,6 +397,25 @@ class FaultyEvaluator:
                  rates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Mean metric in [0, 1] (top-1 accuracy by default): ``Tensor[P, repeats]``."""
         return self.score_sum(perms, repeats, generator, rates=rates) / self.n_images
+
+
+def _macs(m: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates per image of a leaf module (0 for anything but Linear/Conv)."""
+    if isinstance(m, nn.Linear):
+        return out.numel() * m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    return 0
+
+
+def _layer_cost(layer: FaultyLayer, cols: int, macs: list[tuple[nn.Module, int]]) -> LayerCost:
+    """The cost-model view of a faulty layer from the leaves' MACs in execution order."""
+    at = next(i for i, (m, _) in enumerate(macs) if m is layer.orig)
+    plan = layer.plan
+    cached = (layer.site == "output" and plan.n_chains == 1 and not layer.arith.is_int
+              and not layer.model.permanent)
+    return LayerCost(pp=plan.n_chains * layer.rows * cols, chain=plan.chain, macs=macs[at][1],
+                     downstream_macs=sum(n for _, n in macs[at + 1:]), cached_chain=cached)
 
 
 def summarize(values: list[float] | torch.Tensor) -> dict:

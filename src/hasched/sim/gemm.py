@@ -31,12 +31,12 @@ import torch
 
 from hasched.errors import HaschedError
 from hasched.sim.arithmetic import LayerArith
+from hasched.sim.costs import sparse_is_cheaper
 from hasched.sim.faults import FaultModel
 from hasched.sim.mapping import LayerPlan
 
 __all__ = [
     "SAMPLER_VERSION",
-    "SPARSE_MEAN_RATE",
     "Hits",
     "LayerFaults",
     "SparseOut",
@@ -50,11 +50,8 @@ __all__ = [
 
 # Bumped whenever the same seed would draw different error instances; stores that resume
 # runs (sensitivity campaigns) record it so that they never mix draws of two versions.
-SAMPLER_VERSION = 2
+SAMPLER_VERSION = 3  # 3: path choice by the cost model, incremental chunks by memory
 
-# Below this mean rate the sparse path is faster (it spends ~chain MACs plus some indexing
-# per hit, the dense path one random number and one select per partial product).
-SPARSE_MEAN_RATE = 0.02
 # Hits processed per kernel call (bounds the gathered (hits, chain) operands).
 HIT_CHUNK = 1 << 20
 # Below this rate float32 uniforms would round the rate by more than 2^-10 relative.
@@ -158,7 +155,9 @@ def choose_mode(fa: LayerFaults, mode: str = "auto") -> str:
         return "sparse"  # product/accumulator hits are always drawn as positions
     if mode != "auto":
         return mode
-    return "sparse" if float(fa.rates.mean()) < SPARSE_MEAN_RATE else "dense"
+    # The cost model (hasched.sim.costs): a hit gathers its chain, a dense partial product
+    # costs one uniform, one select and the fault model.
+    return "sparse" if sparse_is_cheaper(float(fa.rates.mean()), fa.plan.chain) else "dense"
 
 
 # ------------------------------------------------------------------------------ sampling
