@@ -34,8 +34,9 @@ test: setup $(VENV)/.ray-extra
 lint: setup
 	$(BIN)/ruff check src tests
 
+DEVICE ?= cpu
 bench: setup
-	$(BIN)/hasched bench --markdown runs/bench.md
+	$(BIN)/hasched bench --device $(DEVICE) --markdown runs/bench.md
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -79,3 +79,16 @@ def test_h0_takes_the_cheapest_path(cnn, fr, path):
     assert ev.last_path == path
     cheapest = min(cost, key=cost.get)
     assert (cheapest == "incremental") == (path == "incremental")
+
+
+def test_bench_path_table_times_every_path_and_names_the_choice(cnn):
+    from hasched.study.bench_paths import path_rows
+
+    m, x, y = cnn
+    rows = path_rows(m, x[:16], y[:16], 1.0, lambda fn: (fn(), 0.5)[1], lambda: 1.0,
+                     rates=(1e-3, 0.5))
+    names = [r["name"].rsplit("/", 2)[1:] for r in rows]
+    assert names == [[r, p] for r in ("0.001", "0.5")
+                     for p in ("incremental", "sparse", "dense", "auto")]
+    auto = [r["note"] for r in rows if r["name"].endswith("/auto")]
+    assert auto == ["chosen: incremental; 1.00x the fastest", "chosen: dense; 1.00x the fastest"]
