@@ -13,7 +13,8 @@ The paths (see the README's *Speed*) cost, per chunk of ``N`` images and ``P`` m
 ``hit_ns = HIT_NS + chain * HIT_ELEM_NS``: a hit gathers its chain's operands, except on the
 incremental path for one-chain layers at the output site, whose chain value is the cached
 clean output itself (chain 0). The constants were fitted on the reference machine (one CPU
-thread, ``mnist32-cnn`` h0 and c0 across FR_max 1e-4..0.5); only their ratios matter, and
+thread, ``mnist32-cnn`` h0 and c0 across FR_max 1e-4..0.5; the dense constant sits between
+its one- and two-thread values, 107 and 63 ns); only their ratios matter, and
 they are fixed so that the same scenario always takes the same path (hence the same
 draws). ``make bench`` shows, per FR_max, the chosen path's time beside the others'.
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 __all__ = ["DENSE_PP_NS", "HIT_ELEM_NS", "HIT_NS", "MAC_NS", "LayerCost", "path_costs",
            "sparse_is_cheaper"]
 
-DENSE_PP_NS = 150.0  # per partial product and member: uniform, mask, fault model, sum
+DENSE_PP_NS = 90.0  # per partial product and member: GEMM share, uniform, mask, fault, sum
 HIT_NS = 300.0  # per hit: draw, decode, fault model, scatter
 HIT_ELEM_NS = 50.0  # per chain element a hit gathers and multiplies (float64)
 MAC_NS = 0.1  # one multiply-accumulate of a clean GEMM (conv or linear)
