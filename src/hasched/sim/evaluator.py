@@ -284,8 +284,9 @@ class FaultyEvaluator:
             self.state.enabled = True
             for h in hooks:
                 h.remove()
+        # Layers that did not run are left out here; check_called names them right after.
         self._layer_cost = {n: _layer_cost(layer, self._cols[n], macs)
-                            for n, layer in self.state.layers.items()}
+                            for n, layer in self.state.layers.items() if n in self._cols}
         act = max(sizes + [int(self.inputs[0].numel())])
         # Activations in flight (x3) on every path; on the dense path also the partial
         # products with their uniforms and mask (x3; the corrupted copy and the float64
