@@ -53,10 +53,15 @@ def test_ray_equals_local_and_resumes_across_executors(tmp_path, ray_local):
     assert _tables(tmp_path / "local") == _tables(tmp_path / "mixed")
 
 
-def test_ray_missing_is_one_clear_error(monkeypatch):
+def test_ray_missing_is_one_clear_error_before_anything_is_written(monkeypatch, tmp_path,
+                                                                   capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(HaschedError, match=r"pip install 'hasched\[ray\]'"):
-        list(RayExecutor().map_unordered(len, [[1]]))
+        RayExecutor()
+    out = tmp_path / "camp"
+    code, _, err = cli(["sensitivity", "--out", out, "--executor", "ray"], capsys, monkeypatch)
+    one_error(code, err, "hasched[ray]")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("spec", ["spark", "local:4", "rayon"])

@@ -121,12 +121,20 @@ class RayExecutor(Executor):
     cpus_per_job: int = 1
     name = "ray"
 
-    def _ray(self):
+    def __post_init__(self) -> None:
+        self._import()  # before any output folder is created
+
+    @staticmethod
+    def _import():
         try:
             import ray
         except ImportError:
             raise HaschedError("--executor ray needs Ray: pip install 'hasched[ray]'"
                                ) from None
+        return ray
+
+    def _ray(self):
+        ray = self._import()
         if not ray.is_initialized():
             try:
                 ray.init(address=self.address,
