@@ -20,7 +20,7 @@ from hasched.sim.costs import (
 from hasched.sim.evaluator import FaultyEvaluator
 from hasched.sim.faults import create_fault
 from hasched.sim.profile import FaultProfile
-from hasched.zoo.models import create_model, init_weights
+from random_cnn import random_cnn
 
 
 def test_path_costs_by_hand():
@@ -44,13 +44,7 @@ def test_layer_threshold_is_where_hits_cost_what_dense_partial_products_cost(cha
 
 @pytest.fixture(scope="module")
 def cnn():
-    with torch.random.fork_rng():
-        m = create_model("mnist32-cnn")
-    init_weights(m, "he_uniform", torch.Generator().manual_seed(0))
-    x = torch.rand(64, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = m.eval()(x).argmax(-1)
-    return m, x, y
+    return random_cnn(64)
 
 
 def _ev(cnn, layer, fr, fault="flip-to-1"):

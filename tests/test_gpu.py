@@ -14,7 +14,7 @@ from hasched.sim.evaluator import EvalConfig, FaultyEvaluator
 from hasched.sim.faults import create_fault
 from hasched.sim.mapping import GpuTiles, Systolic
 from hasched.sim.profile import ChipMap, FaultProfile
-from hasched.zoo.models import create_model, init_weights
+from random_cnn import random_cnn
 from test_any_model import resnetish
 
 pytestmark = [pytest.mark.gpu,
@@ -23,13 +23,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module")
 def cnn():
-    with torch.random.fork_rng():
-        m = create_model("mnist32-cnn")
-    init_weights(m, "he_uniform", torch.Generator().manual_seed(0))
-    x = torch.rand(256, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = m.eval()(x).argmax(-1)
-    return m.eval(), x, torch.where(torch.arange(256) % 3 == 0, (y + 1) % 10, y)
+    return random_cnn(256, flip_every=3)
 
 
 def _ev(model, x, y, layers, device, **kw):

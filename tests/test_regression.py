@@ -9,7 +9,7 @@ import torch
 from hasched.sim.evaluator import EvalConfig, FaultyEvaluator
 from hasched.sim.faults import create_fault
 from hasched.sim.profile import FaultProfile
-from hasched.zoo.models import create_model, init_weights
+from random_cnn import random_cnn
 
 # (layers, error, FR_max, path) -> correct counts [[identity r0, r1], [shuffled r0, r1]]
 # of 300 synthetic images (200 agree with the clean model), measured with hasched 0.1.0.
@@ -29,13 +29,7 @@ PINNED = [
 
 @pytest.fixture(scope="module")
 def setup():
-    with torch.random.fork_rng():
-        m = create_model("mnist32-cnn")
-    init_weights(m, "he_uniform", torch.Generator().manual_seed(0))
-    x = torch.rand(300, 1, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        y = m.eval()(x).argmax(-1)
-    return m, x, torch.where(torch.arange(300) % 3 == 0, (y + 1) % 10, y)
+    return random_cnn(300, flip_every=3)
 
 
 @pytest.mark.parametrize("layers,error,fr,path,counts", PINNED)
