@@ -122,7 +122,9 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __post_init__(self) -> None:
-        self._import()  # before any output folder is created
+        # Connect (or start the local instance) now: a missing Ray or an unreachable
+        # cluster must fail before the caller creates any output folder.
+        self._ray()
 
     @staticmethod
     def _import():
