@@ -210,6 +210,22 @@ def test_commands_end_to_end(store, tmp_path, capsys, monkeypatch):
     assert (out / "results.csv").read_bytes() == before
     _error(run(*args[:-2], "--refresh", "2", "--out", out), "other settings")
 
+    # independent calibration frames: every sequence is then evaluated
+    cal = tmp_path / "cal"
+    _ok(run("frames", "--dataset", "mnist", "--split", "train", "--sequences", "30",
+            "--length", "1", "--max-offset", "2", "--seed", "4", "--out", cal, "--no-gif"))
+    out2 = tmp_path / "reuse2"
+    _ok(run("reuse", "--model", "mlp", "--frames", fr, "--calib-frames", cal, "--bits",
+            "uniform:3", "--layers", "h0,op", "--calibration-images", "32", "--out", out2))
+    summ2 = json.loads((out2 / "summary.json").read_text())
+    assert summ2["calib_frames"] == 30 and summ2["eval_sequences"] == 12
+    assert summ2["rows"][0]["macs_dense"] == 12 * 5 * (784 * 256 + 128 * 10)
+    assert "`" + str(cal) + "`" in (out2 / "summary.md").read_text()
+    # the same frames, other calibration frames: a different run, refused in that folder
+    _error(run("reuse", "--model", "mlp", "--frames", fr, "--calib-frames", fr, "--bits",
+               "uniform:3", "--layers", "h0,op", "--calibration-images", "32", "--out", out2),
+           "other settings")
+
 
 def test_command_errors(store, tmp_path, capsys, monkeypatch):
     def run(*a):
@@ -224,6 +240,11 @@ def test_command_errors(store, tmp_path, capsys, monkeypatch):
                tmp_path / "r", "--calib-sequences", "1"), "fashion-mnist")
     _error(run("reuse", "--model", "mlp", "--frames", fr, "--bits", "mquans", "--out",
                tmp_path / "r"), "criticality")
+    mn = tmp_path / "mn"
+    _ok(run("frames", "--dataset", "mnist", "--sequences", "4", "--length", "3", "--out", mn,
+            "--no-gif"))
+    _error(run("reuse", "--model", "mlp", "--frames", mn, "--calib-frames", fr, "--bits",
+               "uniform:4", "--out", tmp_path / "r"), "calibration frames are made from")
     _error(run("reuse", "--model", "mlp", "--frames", fr, "--bits", "uniform:9-4", "--out",
                tmp_path / "r"), "range")
     _error(run("criticality", "--model", "mlp", "--layers", "h7", "--out", tmp_path / "c"),

@@ -199,6 +199,10 @@ def reuse(
     layers: LayersOpt = "all",
     calib_sequences: Annotated[int, typer.Option(
         help="Leading sequences used for calibration (the rest are evaluated).")] = 50,
+    calib_frames: Annotated[Path | None, typer.Option(
+        help="Frames folder or file for calibration instead (e.g. hasched frames --split "
+        "train --length 1: independent frames); then every sequence of --frames is "
+        "evaluated.")] = None,
     refresh: Annotated[int, typer.Option(
         help="A dense frame every N frames (0: only the first).")] = 0,
     kernel: Annotated[str, typer.Option(
@@ -222,7 +226,8 @@ def reuse(
                       calib_sequences=calib_sequences, refresh=refresh, kernel=kernel,
                       bits_min=bits_min, bits_max=bits_max,
                       criticality=str(criticality) if criticality else None,
-                      calibration_images=calibration_images)
+                      calibration_images=calibration_images,
+                      calib_frames=str(calib_frames) if calib_frames else None)
     summ = run_reuse(out, s, models_dir=models_dir, data_dir=data_dir, train=train, log=_log)
     for r in summ["rows"]:
         typer.echo(f"{r['setting']:12s} accuracy {100 * r['accuracy']:.2f} % (drop "

@@ -148,8 +148,12 @@ def summary_markdown(summary: dict, s) -> str:
     rows = summary["rows"]
     lines = [f"# Computation reuse: {s.model['name']} seed {s.seed}", "",
              f"Evaluation: {summary['eval_sequences']} sequences x {summary['length']} frames "
-             f"(streams); calibration: {summary['calib_frames']} frames. fp32 accuracy on "
-             f"the evaluation frames {100 * summary['fp32_accuracy_eval']:.2f} %. Refresh: "
+             f"(streams); calibration: {summary['calib_frames']} frames ("
+             + (f"`{s.calib_frames}`" if getattr(s, "calib_frames", None) else
+                f"the first {s.calib_sequences} sequences")
+             + f"). fp32 accuracy on the evaluation frames "
+             f"{100 * summary['fp32_accuracy_eval']:.2f} %, on the calibration frames "
+             f"{100 * summary['fp32_accuracy_calibration']:.2f} %. Refresh: "
              f"{s.refresh or 'first frame only'}; kernel {s.kernel}.", "",
              "| setting | mean bits (MAC-weighted) | calib drop | accuracy % | drop (points) "
              "| reuse % | MACs saved % | speed-up (MAC ratio) | engine s | fp32 s | "

@@ -76,7 +76,13 @@ class ReuseSettings:
         model: ``ModelRef.to_dict()``. seed: Model seed. frames: Frames file or folder.
         settings: The bit settings (grid cells, in order).
         layers: Layers that reuse (empty: every Linear/Conv layer).
-        calib_sequences: Leading sequences used as the calibration set.
+        calib_sequences: Leading sequences used as the calibration set (without
+            ``calib_frames``).
+        calib_frames: Frames file or folder whose every frame is the calibration set; then
+            every sequence of ``frames`` is evaluated (``calib_sequences`` is ignored). Use
+            independent frames, e.g. ``hasched frames --split train --length 1``: the frames
+            of one sequence share a source image, so a few sequences hold few independent
+            samples and a budget of a fraction of a point is within their noise.
         refresh: A dense frame every ``refresh`` frames (0: only the first).
         kernel: Delta products ``sparse`` or ``dense`` (timing only; same MACs counted).
         bits_min, bits_max: Mquans' bit range.
@@ -96,14 +102,17 @@ class ReuseSettings:
     bits_max: int = 8
     criticality: str | None = None
     calibration_images: int = 512
+    calib_frames: str | None = None
 
     def __post_init__(self) -> None:
         if not self.settings:
             raise HaschedError("no bit setting given")
         if len({b.key for b in self.settings}) != len(self.settings):
             raise HaschedError("a bit setting is listed twice")
-        if self.kernel not in KERNELS or self.refresh < 0 or self.calib_sequences < 1:
-            raise HaschedError(f"need kernel in {KERNELS}, refresh >= 0, calib sequences >= 1")
+        if self.kernel not in KERNELS or self.refresh < 0:
+            raise HaschedError(f"need kernel in {KERNELS} and refresh >= 0")
+        if self.calib_frames is None and self.calib_sequences < 1:
+            raise HaschedError("need calib sequences >= 1 (or a calibration frames file)")
         if not 1 <= self.bits_min <= self.bits_max <= 16:  # else the first mquans cell fails
             raise HaschedError(f"need 1 <= --bits-min <= --bits-max <= 16, got "
                                f"{self.bits_min}..{self.bits_max}")
@@ -116,12 +125,19 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _config(s: ReuseSettings, fs: FrameSet, crit_id: str | None) -> dict:
+def _frames_id(fs: FrameSet) -> dict:
+    return {"header": fs.header, "sha256": hashlib.sha256(fs.frames.tobytes()).hexdigest()[:16]}
+
+
+def _config(s: ReuseSettings, fs: FrameSet, cal: FrameSet | None, crit_id: str | None) -> dict:
     d = asdict(s)
     d["settings"] = [b.key for b in s.settings]
     d["layers"] = list(s.layers)
-    d["frames"] = {"header": fs.header, "sha256": hashlib.sha256(
-        fs.frames.tobytes()).hexdigest()[:16]}
+    d["frames"] = _frames_id(fs)
+    if cal is None:
+        del d["calib_frames"]  # keeps the config of runs made before the option existed
+    else:
+        d["calib_frames"], d["calib_sequences"] = _frames_id(cal), 0
     d["criticality"] = crit_id
     return d
 
@@ -154,7 +170,8 @@ def _time_dense(net, frames: torch.Tensor) -> float:
 class _Study:
     """The loaded model, data and baselines every cell of one reuse run shares."""
 
-    def __init__(self, s: ReuseSettings, fs: FrameSet, net, ref, layers, calib_x) -> None:
+    def __init__(self, s: ReuseSettings, fs: FrameSet, cal: FrameSet | None, net, ref, layers,
+                 calib_x) -> None:
         from hasched.zoo.ref import adapter_for
 
         self.s, self.net = s, net
@@ -164,9 +181,15 @@ class _Study:
         adapter = adapter_for(ref, net)
         frames = _as_input(frames_to_tensor(fs.frames), adapter)  # (S, L, C, H, W)
         labels = torch.from_numpy(fs.labels.astype("int64"))
-        C, L = s.calib_sequences, fs.length
-        self.cal_x = frames[:C].reshape(C * L, *frames.shape[2:])
-        self.cal_y = labels[:C].repeat_interleave(L)
+        C, L = (0, fs.length) if cal is not None else (s.calib_sequences, fs.length)
+        if cal is None:
+            self.cal_x = frames[:C].reshape(C * L, *frames.shape[2:])  # (C*L, C, H, W)
+            self.cal_y = labels[:C].repeat_interleave(L)
+        else:
+            cx = _as_input(frames_to_tensor(cal.frames), adapter)  # (S', L', C, H, W)
+            self.cal_x = cx.reshape(-1, *cx.shape[2:])
+            self.cal_y = torch.from_numpy(cal.labels.astype("int64")).repeat_interleave(
+                cal.length)
         self.ev_frames, self.ev_labels = frames[C:], labels[C:]
         ev_flat = self.ev_frames.reshape(-1, *frames.shape[2:])
         self.fp32_cal = _accuracy(net, self.cal_x, self.cal_y)
@@ -229,19 +252,23 @@ def run_reuse(out: str | Path, s: ReuseSettings, *, models_dir=None, data_dir=No
     if fs.header.get("dataset") != ref.dataset:
         raise HaschedError(f"the frames are made from {fs.header.get('dataset')!r}, the model "
                            f"{ref.name} is for {ref.dataset!r}; make frames of its dataset")
-    if fs.n_sequences <= s.calib_sequences:
+    cal = load_frames(s.calib_frames) if s.calib_frames else None
+    if cal is not None and cal.header.get("dataset") != fs.header.get("dataset"):
+        raise HaschedError(f"the calibration frames are made from {cal.header.get('dataset')!r}"
+                           f", the frames from {fs.header.get('dataset')!r}")
+    if cal is None and fs.n_sequences <= s.calib_sequences:
         raise HaschedError(f"{fs.n_sequences} sequences leave none for evaluation after "
                            f"{s.calib_sequences} calibration sequences")
     crit_id = None
     if s.criticality:
         load_criticality(s.criticality)  # a bad table fails before the model is loaded
         crit_id = _sha(Path(s.criticality) / CRITICALITY_FILE)
-    config = _config(s, fs, crit_id)
+    config = _config(s, fs, cal, crit_id)
     check_grid_dir(out, "reuse", config)
     net, ref, layers, x, _ = load_study_model(
         s.model, s.seed, models_dir=models_dir, data_dir=data_dir, train=train,
         calibration_images=s.calibration_images, layers=s.layers, log=log)
-    st = _Study(s, fs, net, ref, layers, x)
+    st = _Study(s, fs, cal, net, ref, layers, x)
     crit = load_criticality(s.criticality, st.specs)[1] if s.criticality else None
     out = Path(out)
 
