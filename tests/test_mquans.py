@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hasched.cli import main
 from hasched.errors import HaschedError
-from hasched.reuse.allocate import greedy_allocation, rank_neurons, staircase_bits
+from hasched.reuse.allocate import greedy_allocation, per_mac, rank_neurons, staircase_bits
 from hasched.reuse.criticality import Perturbation, neuron_scores
 from hasched.reuse.quant import calibrate
 from hasched.zoo import data
@@ -49,6 +49,16 @@ def test_greedy_allocation_by_hand():
         5, 4, 8]
     with pytest.raises(HaschedError, match="budget"):
         greedy_allocation(CRIT, lambda b: 2.0, budget=1.0)
+
+
+def test_per_mac_ranking_by_hand():
+    keys = per_mac(CRIT, {"a": 4.0, "b": 0.5})
+    # a: .03125 .125 .0625; b: .375 .125 -> a0, a2, then a1 and b1 tie (layer order), b0
+    assert keys["a"].tolist() == [0.03125, 0.125, 0.0625] and keys["b"].tolist() == [
+        0.375, 0.125]
+    assert rank_neurons(keys) == [("a", 0), ("a", 2), ("a", 1), ("b", 1), ("b", 0)]
+    with pytest.raises(HaschedError, match="feeds no MACs"):
+        per_mac(CRIT, {"a": 4.0, "b": 0.0})
 
 
 def _tiny(g: torch.Generator) -> nn.Module:
@@ -221,6 +231,13 @@ def test_commands_end_to_end(store, tmp_path, capsys, monkeypatch):
     assert summ2["calib_frames"] == 30 and summ2["eval_sequences"] == 12
     assert summ2["rows"][0]["macs_dense"] == 12 * 5 * (784 * 256 + 128 * 10)
     assert "`" + str(cal) + "`" in (out2 / "summary.md").read_text()
+    out3 = tmp_path / "reuse3"
+    _ok(run("reuse", "--model", "mlp", "--frames", fr, "--calib-frames", cal, "--criticality",
+            crit, "--bits", "mquans", "--budget", "2", "--rank", "per-mac", "--layers", "h0,op",
+            "--calibration-images", "32", "--out", out3))
+    alloc = json.loads((out3 / "allocations" / "mquans-2.json").read_text())
+    assert json.loads((out3 / "config.json").read_text())["rank"] == "per-mac"
+    assert alloc["drop"] <= 2 and alloc["evaluations"] >= 2
     # the same frames, other calibration frames: a different run, refused in that folder
     _error(run("reuse", "--model", "mlp", "--frames", fr, "--calib-frames", fr, "--bits",
                "uniform:3", "--layers", "h0,op", "--calibration-images", "32", "--out", out2),
@@ -245,6 +262,8 @@ def test_command_errors(store, tmp_path, capsys, monkeypatch):
             "--no-gif"))
     _error(run("reuse", "--model", "mlp", "--frames", mn, "--calib-frames", fr, "--bits",
                "uniform:4", "--out", tmp_path / "r"), "calibration frames are made from")
+    _error(run("reuse", "--model", "mlp", "--frames", fr, "--bits", "uniform:4", "--rank",
+               "random", "--out", tmp_path / "r"), "rank must be one of")
     _error(run("reuse", "--model", "mlp", "--frames", fr, "--bits", "uniform:9-4", "--out",
                tmp_path / "r"), "range")
     _error(run("criticality", "--model", "mlp", "--layers", "h7", "--out", tmp_path / "c"),

@@ -207,6 +207,9 @@ def reuse(
         help="A dense frame every N frames (0: only the first).")] = 0,
     kernel: Annotated[str, typer.Option(
         help="Delta products: sparse (only changed inputs) or dense.")] = "sparse",
+    rank: Annotated[str, typer.Option(
+        help="Mquans' ranking: criticality (the score) or per-mac (score per MAC the "
+        "neuron feeds).")] = "criticality",
     bits_min: Annotated[int, typer.Option(help="Fewest bits Mquans gives.")] = 2,
     bits_max: Annotated[int, typer.Option(help="Most bits (Mquans' start).")] = 8,
     calibration_images: Annotated[int, typer.Option(
@@ -227,7 +230,7 @@ def reuse(
                       bits_min=bits_min, bits_max=bits_max,
                       criticality=str(criticality) if criticality else None,
                       calibration_images=calibration_images,
-                      calib_frames=str(calib_frames) if calib_frames else None)
+                      calib_frames=str(calib_frames) if calib_frames else None, rank=rank)
     summ = run_reuse(out, s, models_dir=models_dir, data_dir=data_dir, train=train, log=_log)
     for r in summ["rows"]:
         typer.echo(f"{r['setting']:12s} accuracy {100 * r['accuracy']:.2f} % (drop "

@@ -13,6 +13,13 @@ result is a staircase: the ``m_{bits_min}`` least critical neurons get ``bits_mi
 the next ``m_{bits_min + 1} - m_{bits_min}`` get one bit more, and so on; neurons beyond
 ``m_{bits_max - 1}`` keep ``bits_max``. Cost: at most ``(bits_max - bits_min) * (1 +
 ceil(log2 N))`` evaluations of the quantised model on the calibration set.
+
+**Ranking keys** (:data:`RANKS`). ``criticality`` ranks by the score alone, as the Mquans
+abstract describes. ``per-mac`` ranks by the score divided by the MACs a neuron's input
+feeds (:func:`per_mac`): a neuron's bits decide how often *its* products are recomputed,
+so a convolution channel that feeds 80k MACs per image and a classifier input that feeds
+10 should not be lowered at the same price; lowering the neurons that cost least accuracy
+per MAC saved first spends the budget where the MACs are.
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ import torch
 
 from hasched.errors import HaschedError
 
-__all__ = ["Allocation", "rank_neurons", "greedy_allocation", "staircase_bits"]
+__all__ = ["Allocation", "RANKS", "per_mac", "rank_neurons", "greedy_allocation",
+           "staircase_bits"]
+
+RANKS = ("criticality", "per-mac")
 
 
 @dataclass
@@ -49,6 +59,23 @@ class Allocation:
         return {"bits": {k: v.tolist() for k, v in self.bits.items()},
                 "thresholds": {str(k): v for k, v in self.thresholds.items()},
                 "drop": self.drop, "evaluations": self.evaluations, "trace": self.trace}
+
+
+def per_mac(criticality: dict[str, torch.Tensor], macs_per_neuron: dict[str, float]
+            ) -> dict[str, torch.Tensor]:
+    """Criticality per MAC: every layer's scores divided by the MACs one neuron feeds.
+
+    Args:
+        criticality: Layer -> ``Tensor[neurons]``.
+        macs_per_neuron: Layer -> dense MACs per image that one neuron's input feeds.
+    """
+    out = {}
+    for layer, crit in criticality.items():
+        macs = float(macs_per_neuron[layer])
+        if not macs > 0:
+            raise HaschedError(f"layer {layer} feeds no MACs; it cannot be ranked per MAC")
+        out[layer] = crit.double() / macs
+    return out
 
 
 def rank_neurons(criticality: dict[str, torch.Tensor]) -> list[tuple[str, int]]:

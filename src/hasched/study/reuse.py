@@ -32,7 +32,7 @@ import torch
 
 from hasched.errors import HaschedError
 from hasched.io import atomic_write, make_dirs
-from hasched.reuse.allocate import greedy_allocation
+from hasched.reuse.allocate import RANKS, greedy_allocation, per_mac
 from hasched.reuse.engine import KERNELS, ReuseEngine
 from hasched.reuse.quant import LayerQuantizer, LayerSpec, calibrate, neuron_axis, uniform_bits
 from hasched.study.criticality import CRITICALITY_FILE, load_criticality, load_study_model
@@ -88,6 +88,8 @@ class ReuseSettings:
         bits_min, bits_max: Mquans' bit range.
         criticality: Criticality folder (needed by ``mquans``).
         calibration_images: Training images for the quantiser ranges.
+        rank: Mquans' ranking key, ``criticality`` or ``per-mac``
+            (:mod:`hasched.reuse.allocate`).
     """
 
     model: dict
@@ -103,8 +105,11 @@ class ReuseSettings:
     criticality: str | None = None
     calibration_images: int = 512
     calib_frames: str | None = None
+    rank: str = "criticality"
 
     def __post_init__(self) -> None:
+        if self.rank not in RANKS:
+            raise HaschedError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if not self.settings:
             raise HaschedError("no bit setting given")
         if len({b.key for b in self.settings}) != len(self.settings):
@@ -135,7 +140,9 @@ def _config(s: ReuseSettings, fs: FrameSet, cal: FrameSet | None, crit_id: str |
     d["layers"] = list(s.layers)
     d["frames"] = _frames_id(fs)
     if cal is None:
-        del d["calib_frames"]  # keeps the config of runs made before the option existed
+        del d["calib_frames"]  # keeps the config of runs made before the options existed
+    if s.rank == "criticality":
+        del d["rank"]
     else:
         d["calib_frames"], d["calib_sequences"] = _frames_id(cal), 0
     d["criticality"] = crit_id
@@ -252,23 +259,24 @@ def run_reuse(out: str | Path, s: ReuseSettings, *, models_dir=None, data_dir=No
     if fs.header.get("dataset") != ref.dataset:
         raise HaschedError(f"the frames are made from {fs.header.get('dataset')!r}, the model "
                            f"{ref.name} is for {ref.dataset!r}; make frames of its dataset")
-    cal = load_frames(s.calib_frames) if s.calib_frames else None
-    if cal is not None and cal.header.get("dataset") != fs.header.get("dataset"):
-        raise HaschedError(f"the calibration frames are made from {cal.header.get('dataset')!r}"
+    cal_fs = load_frames(s.calib_frames) if s.calib_frames else None
+    if cal_fs is not None and cal_fs.header.get("dataset") != fs.header.get("dataset"):
+        raise HaschedError(f"the calibration frames are made from "
+                           f"{cal_fs.header.get('dataset')!r}"
                            f", the frames from {fs.header.get('dataset')!r}")
-    if cal is None and fs.n_sequences <= s.calib_sequences:
+    if cal_fs is None and fs.n_sequences <= s.calib_sequences:
         raise HaschedError(f"{fs.n_sequences} sequences leave none for evaluation after "
                            f"{s.calib_sequences} calibration sequences")
     crit_id = None
     if s.criticality:
         load_criticality(s.criticality)  # a bad table fails before the model is loaded
         crit_id = _sha(Path(s.criticality) / CRITICALITY_FILE)
-    config = _config(s, fs, cal, crit_id)
+    config = _config(s, fs, cal_fs, crit_id)
     check_grid_dir(out, "reuse", config)
     net, ref, layers, x, _ = load_study_model(
         s.model, s.seed, models_dir=models_dir, data_dir=data_dir, train=train,
         calibration_images=s.calibration_images, layers=s.layers, log=log)
-    st = _Study(s, fs, cal, net, ref, layers, x)
+    st = _Study(s, fs, cal_fs, net, ref, layers, x)
     crit = load_criticality(s.criticality, st.specs)[1] if s.criticality else None
     out = Path(out)
 
@@ -279,7 +287,9 @@ def run_reuse(out: str | Path, s: ReuseSettings, *, models_dir=None, data_dir=No
             bits = uniform_bits(st.specs, b.bits)
             cal = st.calib_drop(bits)
         else:
-            alloc = greedy_allocation(crit, st.calib_drop, b.budget, s.bits_max, s.bits_min,
+            keys = crit if s.rank == "criticality" else per_mac(
+                crit, {n: sp.macs_per_neuron for n, sp in st.specs.items()})
+            alloc = greedy_allocation(keys, st.calib_drop, b.budget, s.bits_max, s.bits_min,
                                       log=log)
             bits, cal = alloc.bits, alloc.drop
             make_dirs(out / "allocations")
