@@ -228,6 +228,9 @@ def test_commands_end_to_end(store, tmp_path, capsys, monkeypatch):
     _ok(run("reuse", "--model", "mlp", "--frames", fr, "--calib-frames", cal, "--bits",
             "uniform:3", "--layers", "h0,op", "--calibration-images", "32", "--out", out2))
     summ2 = json.loads((out2 / "summary.json").read_text())
+    conf2 = json.loads((out2 / "config.json").read_text())
+    assert conf2["calib_sequences"] == 0 and "rank" not in conf2
+    assert conf2["calib_frames"]["header"]["split"] == "train"
     assert summ2["calib_frames"] == 30 and summ2["eval_sequences"] == 12
     assert summ2["rows"][0]["macs_dense"] == 12 * 5 * (784 * 256 + 128 * 10)
     assert "`" + str(cal) + "`" in (out2 / "summary.md").read_text()

@@ -139,12 +139,13 @@ def _config(s: ReuseSettings, fs: FrameSet, cal: FrameSet | None, crit_id: str |
     d["settings"] = [b.key for b in s.settings]
     d["layers"] = list(s.layers)
     d["frames"] = _frames_id(fs)
+    # the defaults leave no trace, so runs made before these options existed still resume
     if cal is None:
-        del d["calib_frames"]  # keeps the config of runs made before the options existed
-    if s.rank == "criticality":
-        del d["rank"]
+        del d["calib_frames"]
     else:
         d["calib_frames"], d["calib_sequences"] = _frames_id(cal), 0
+    if s.rank == "criticality":
+        del d["rank"]
     d["criticality"] = crit_id
     return d
 
