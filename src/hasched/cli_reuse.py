@@ -125,7 +125,9 @@ def frames(
     motion: Annotated[str, typer.Option(
         help="Speed (px per frame and axis), optional rotation (degrees) and noise (grey "
         "levels): 1px | 2px,rot=10,noise=3.")] = "1px",
-    max_offset: Annotated[int, typer.Option(help="Bounce bound of the offset, px.")] = 4,
+    max_offset: Annotated[int, typer.Option(
+        help="Bounce bound of the offset, px (the paper models are not shift-invariant: "
+        "mnist32-cnn is 94 % accurate at 1, 55 % at 4).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of every draw.")] = 1,
     gif: Annotated[bool, typer.Option(help="Also write preview.gif.")] = True,
     data_dir: DataDirOpt = None,

@@ -62,13 +62,16 @@ class Motion:
 
     Attributes:
         speed: Maximum translation per frame and axis, in pixels (0: still frames).
-        max_offset: Largest offset from the centre position, in pixels (bounce bound).
+        max_offset: Largest offset from the centre position, in pixels (bounce bound). The
+            default is 1 px because the paper models are not shift-invariant: recipe-trained
+            mnist32-cnn (one conv and pool, then dense layers) is 96.0 / 94.3 / 85.3 / 70.8 /
+            54.9 % accurate on frames whose offsets bounce within 0 / 1 / 2 / 3 / 4 px.
         rotation: Largest rotation angle in degrees (0: none).
         noise: Standard deviation of per-frame Gaussian pixel noise, in grey levels.
     """
 
     speed: int = 1
-    max_offset: int = 4
+    max_offset: int = 1
     rotation: float = 0.0
     noise: float = 0.0
 
