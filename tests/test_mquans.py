@@ -19,6 +19,7 @@ from hasched.reuse.allocate import greedy_allocation, per_mac, rank_neurons, sta
 from hasched.reuse.criticality import Perturbation, neuron_scores
 from hasched.reuse.quant import calibrate
 from hasched.zoo import data
+from hasched.zoo.frames import load_frames
 from hasched.zoo.train import save_checkpoint, train_model
 from idx_files import write_learnable
 
@@ -220,6 +221,15 @@ def test_commands_end_to_end(store, tmp_path, capsys, monkeypatch):
     assert (out / "results.csv").read_bytes() == before
     _error(run(*args[:-2], "--refresh", "2", "--out", out), "other settings")
 
+    # source images from a range of the split: indices stay the split's
+    part = tmp_path / "part"
+    _ok(run("frames", "--dataset", "mnist", "--images", "25:", "--sequences", "15", "--length",
+            "2", "--out", part, "--no-gif"))
+    src = load_frames(part).source_index
+    assert sorted(src.tolist()) == list(range(25, 40))  # all 15 of test images 25..39
+    _error(run("frames", "--dataset", "mnist", "--images", "30:50", "--out", tmp_path / "p2"),
+           "outside")
+    assert not (tmp_path / "p2").exists()
     # independent calibration frames: every sequence is then evaluated
     cal = tmp_path / "cal"
     _ok(run("frames", "--dataset", "mnist", "--split", "train", "--sequences", "30",

@@ -120,6 +120,9 @@ def frames(
                                       "preview.gif.")],
     dataset: Annotated[str, typer.Option(help="mnist32, mnist or fashion-mnist.")] = "mnist32",
     split: Annotated[str, typer.Option(help="Source images: test or train.")] = "test",
+    images: Annotated[str | None, typer.Option(
+        help="Source images from this range of the split only (N, A:B, A: or :B), e.g. "
+        ":5000 for evaluation frames and 5000: for calibration frames.")] = None,
     sequences: Annotated[int, typer.Option(help="Number of sequences.")] = 200,
     length: Annotated[int, typer.Option(help="Frames per sequence.")] = 30,
     motion: Annotated[str, typer.Option(
@@ -136,7 +139,7 @@ def frames(
     from hasched.study.frames import write_frames
 
     res = write_frames(out, dataset, sequences, length, parse_motion(motion, max_offset), seed,
-                       split=split, data_dir=data_dir, gif=gif, log=_log)
+                       split=split, images=images, data_dir=data_dir, gif=gif, log=_log)
     typer.echo(f"wrote {res['file']}: {sequences} sequences x {length} frames "
                f"{res['shape'][2]}x{res['shape'][3]}; {100 * res['pixels_changed']:.1f} % of "
                f"pixels change between consecutive frames")

@@ -8,7 +8,10 @@ settings into the same folder again rewrites identical bytes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from hasched.errors import HaschedError
 from hasched.io import check_out_dir, claim_out_dir
@@ -18,14 +21,22 @@ __all__ = ["write_frames"]
 
 
 def write_frames(out: str | Path, dataset: str, sequences: int, length: int, motion: Motion,
-                 seed: int, *, split: str = "test", data_dir: str | Path | None = None,
-                 gif: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """Generates the sequences of ``dataset`` into the folder ``out``; returns a summary."""
+                 seed: int, *, split: str = "test", images: str | None = None,
+                 data_dir: str | Path | None = None, gif: bool = True,
+                 log: Callable[[str], None] | None = None) -> dict:
+    """Generates the sequences of ``dataset`` into the folder ``out``; returns a summary.
+
+    ``images`` (``N``, ``A:B``, ``A:`` or ``:B``) restricts the source images to a range of
+    the split, so that two frame sets (evaluation and calibration) can be made from
+    disjoint images; ``source_index`` stays an index into the whole split.
+    """
     from hasched.report.reuse import frame_gif, frame_strip
-    from hasched.zoo.data import load_dataset
+    from hasched.zoo.data import load_dataset, parse_image_range
 
     config = {"hasched": "frames", "dataset": dataset, "split": split, "sequences": sequences,
               "length": length, "motion": motion.to_dict(), "seed": seed}
+    if images is not None:  # absent otherwise, so older frames folders keep their identity
+        config["images"] = images
 
     def compatible(saved: dict, path: Path) -> None:
         if saved != config:
@@ -34,9 +45,13 @@ def write_frames(out: str | Path, dataset: str, sequences: int, length: int, mot
 
     check_out_dir(out, what="frames", compatible=compatible)
     ds = load_dataset(dataset, split, data_dir)
-    fs = generate_sequences(ds.images, ds.labels, sequences, length, motion, seed,
-                            info={"dataset": dataset, "split": split,
-                                  "dataset_fingerprint": ds.fingerprint})
+    sl = parse_image_range(images, int(ds.images.shape[0]))
+    info = {"dataset": dataset, "split": split, "dataset_fingerprint": ds.fingerprint}
+    if images is not None:
+        info["images"] = [sl.start, sl.stop]
+    fs = generate_sequences(ds.images[sl], ds.labels[sl], sequences, length, motion, seed,
+                            info=info)
+    fs = replace(fs, source_index=(fs.source_index + sl.start).astype(np.int32))
     out = Path(out)
     with claim_out_dir(out, config, log=log):
         save_frames(fs, out / FRAMES_FILE)
