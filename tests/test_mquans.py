@@ -229,6 +229,15 @@ def test_commands_end_to_end(store, tmp_path, capsys, monkeypatch):
     assert sorted(src.tolist()) == list(range(25, 40))  # all 15 of test images 25..39
     _error(run("frames", "--dataset", "mnist", "--images", "30:50", "--out", tmp_path / "p2"),
            "outside")
+    # --exclude: the other set's sources are never drawn (25 left: all of them, in order)
+    rest = tmp_path / "rest"
+    _ok(run("frames", "--dataset", "mnist", "--exclude", part, "--sequences", "25", "--length",
+            "1", "--seed", "9", "--out", rest, "--no-gif"))
+    assert load_frames(rest).source_index.tolist() == list(range(25))
+    _error(run("frames", "--dataset", "mnist", "--exclude", part, "--sequences", "26", "--out",
+               tmp_path / "p2"), "distinct source images")
+    _error(run("frames", "--dataset", "mnist", "--split", "train", "--exclude", part, "--out",
+               tmp_path / "p2"), "not mnist train")
     assert not (tmp_path / "p2").exists()
     # independent calibration frames: every sequence is then evaluated
     cal = tmp_path / "cal"

@@ -123,6 +123,9 @@ def frames(
     images: Annotated[str | None, typer.Option(
         help="Source images from this range of the split only (N, A:B, A: or :B), e.g. "
         ":5000 for evaluation frames and 5000: for calibration frames.")] = None,
+    exclude: Annotated[Path | None, typer.Option(
+        help="Frames folder or file whose source images are not used (calibration frames "
+        "held out from the evaluation frames).")] = None,
     sequences: Annotated[int, typer.Option(help="Number of sequences.")] = 200,
     length: Annotated[int, typer.Option(help="Frames per sequence.")] = 30,
     motion: Annotated[str, typer.Option(
@@ -139,7 +142,8 @@ def frames(
     from hasched.study.frames import write_frames
 
     res = write_frames(out, dataset, sequences, length, parse_motion(motion, max_offset), seed,
-                       split=split, images=images, data_dir=data_dir, gif=gif, log=_log)
+                       split=split, images=images, exclude=exclude, data_dir=data_dir,
+                       gif=gif, log=_log)
     typer.echo(f"wrote {res['file']}: {sequences} sequences x {length} frames "
                f"{res['shape'][2]}x{res['shape'][3]}; {100 * res['pixels_changed']:.1f} % of "
                f"pixels change between consecutive frames")
