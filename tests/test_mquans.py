@@ -298,3 +298,26 @@ def test_command_errors(store, tmp_path, capsys, monkeypatch):
     _error(run("reuse", "--model", "mlp", "--frames", fr, "--bits", "uniform:4", "--out",
                tmp_path / "r", "--bits-min", "6", "--bits-max", "4"), "--bits-min")
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+def test_acceptance_picks_both_sides_on_the_evaluation_frames():
+    from hasched.study.reuse import acceptance
+
+    def row(method, setting, drop, saved, reuse, budget=None, cal=0.0):
+        return {"method": method, "setting": setting, "drop": drop, "mac_savings": saved,
+                "reuse_rate": reuse, "budget": budget, "calib_drop": cal}
+
+    rows = [row("uniform", "uniform-3", 1.6, 0.76, 0.84, cal=0.4),
+            row("uniform", "uniform-4", 0.25, 0.70, 0.77),
+            row("uniform", "uniform-5", 0.2, 0.64, 0.70),
+            row("mquans", "mquans-0.25", 0.1, 0.73, 0.78, 0.25),
+            row("mquans", "mquans-0.5", 0.8, 0.78, 0.80, 0.5)]
+    a = acceptance(rows, 0.5)
+    # uniform-3 is best by calibration drop (0.4) but misses on the evaluation frames
+    assert (a["best_uniform"], a["best_uniform_by_calibration"]) == ("uniform-4", "uniform-3")
+    # Mquans at the 0.5 budget misses (0.8); the 0.25 one is within and higher
+    assert a["mquans_within_budget"] is False and a["higher_reuse"] is False
+    assert a["best_mquans"] == "mquans-0.25" and a["best_mquans_higher"] is True
+    b = acceptance(rows, 0.15)
+    assert b["best_uniform"] is None and b["best_mquans"] == "mquans-0.25"
+    assert "best_mquans_higher" not in b

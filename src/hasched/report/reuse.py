@@ -183,6 +183,13 @@ def summary_markdown(summary: dict, s) -> str:
             f"{_pct(a['mac_savings'][0])} % vs {_pct(a['mac_savings'][1])} %, reuse rate "
             f"{_pct(a['reuse_rate'][0])} % vs {_pct(a['reuse_rate'][1])} %: "
             f"**{'higher reuse at equal accuracy' if a['higher_reuse'] else 'not higher'}**.")
+        if a.get("best_mquans"):
+            lines.append(
+                f"\nThe Mquans setting with the most MACs saved among those within "
+                f"{a['budget']:g} points on the evaluation frames (chosen like the uniform "
+                f"one): {a['best_mquans']}, "
+                f"**{'higher' if a['best_mquans_higher'] else 'not higher'}** than "
+                f"{a['best_uniform']}.")
     lines += ["", "Figures: `pareto.png` (accuracy vs MACs saved), `reuse_layers.png`. "
               "Wall-clock is this machine's, frame by frame over all streams at once."]
     return "\n".join(lines) + "\n"

@@ -314,7 +314,9 @@ def acceptance(rows: list[dict], budget: float) -> dict:
 
     "Best uniform" is the uniform setting with the most MACs saved among those whose drop
     on the evaluation frames is at most ``budget`` (chosen on the test frames, which favours
-    the baseline); also reported: the one chosen by calibration drop.
+    the baseline); also reported: the one chosen by calibration drop. ``best_mquans`` is
+    the Mquans setting (any budget) chosen the same way, and ``best_mquans_higher`` says
+    whether it saves more MACs and reuses more than the best uniform at that accuracy.
     """
     uni = [r for r in rows if r["method"] == "uniform"]
     mq = next((r for r in rows if r["method"] == "mquans" and r["budget"] == budget), None)
@@ -322,9 +324,15 @@ def acceptance(rows: list[dict], budget: float) -> dict:
                default=None)
     best_cal = max((r for r in uni if r["calib_drop"] <= budget),
                    key=lambda r: r["mac_savings"], default=None)
+    # the same selection for Mquans, so that both sides are chosen on the evaluation frames
+    best_mq = max((r for r in rows if r["method"] == "mquans" and r["drop"] <= budget),
+                  key=lambda r: r["mac_savings"], default=None)
     res = {"budget": budget, "best_uniform": best and best["setting"],
            "best_uniform_by_calibration": best_cal and best_cal["setting"],
-           "mquans": mq and mq["setting"]}
+           "mquans": mq and mq["setting"], "best_mquans": best_mq and best_mq["setting"]}
+    if best_mq is not None and best is not None:
+        res["best_mquans_higher"] = bool(best_mq["mac_savings"] > best["mac_savings"]
+                                         and best_mq["reuse_rate"] > best["reuse_rate"])
     if mq is not None and best is not None:
         res.update(
             mquans_within_budget=mq["drop"] <= budget,
