@@ -90,30 +90,45 @@ def plot_criticality(crit: dict[str, np.ndarray], path: str | Path, title: str =
 
 def plot_pareto(rows: list[dict], path: str | Path, fp32_accuracy: float, budget: float | None,
                 title: str = "") -> Path:
-    """Accuracy against MAC savings: uniform bit widths (line) and Mquans (stars)."""
+    """Accuracy against MAC savings: uniform bit widths (line) and Mquans (stars).
+
+    The y axis shows the few points below fp32 where the comparison happens (at least 3,
+    or 4 budgets); a setting below that window is drawn on its lower edge as a triangle
+    labelled with its accuracy, so that 1 or 2 bits do not flatten everything else.
+    """
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    budgets = [r["budget"] for r in rows if r["method"] == "mquans"] + [budget or 0]
+    top = 100 * fp32_accuracy + 0.6
+    floor = 100 * fp32_accuracy - max(3.0, 4 * max(budgets))
+
+    def y(r: dict) -> float:
+        return max(100 * r["accuracy"], floor)
+
     uni = sorted((r for r in rows if r["method"] == "uniform"), key=lambda r: r["bits"])
-    mq = [r for r in rows if r["method"] == "mquans"]
+    mq = sorted((r for r in rows if r["method"] == "mquans"), key=lambda r: r["budget"])
     if uni:
-        ax.plot([100 * r["mac_savings"] for r in uni], [100 * r["accuracy"] for r in uni],
-                "o-", color="tab:blue", label="uniform bits")
+        ax.plot([100 * r["mac_savings"] for r in uni], [y(r) for r in uni], "-",
+                color="tab:blue", label="uniform bits")
         for r in uni:
-            ax.annotate(f"{r['bits']}b", (100 * r["mac_savings"], 100 * r["accuracy"]),
-                        textcoords="offset points", xytext=(4, -9), fontsize=7)
+            below = 100 * r["accuracy"] < floor
+            ax.plot(100 * r["mac_savings"], y(r), "v" if below else "o", color="tab:blue")
+            text = f"{r['bits']}b" + (f" ({100 * r['accuracy']:.1f} %)" if below else "")
+            ax.annotate(text, (100 * r["mac_savings"], y(r)), textcoords="offset points",
+                        xytext=(4, 5 if below else -10), fontsize=7)
     if mq:
-        ax.plot([100 * r["mac_savings"] for r in mq], [100 * r["accuracy"] for r in mq],
-                "*", ms=12, color="tab:red", label="Mquans (criticality bits)")
-        for r in mq:
-            ax.annotate(f"budget {r['budget']:g}", (100 * r["mac_savings"], 100 * r["accuracy"]),
-                        textcoords="offset points", xytext=(5, 4), fontsize=7, color="tab:red")
+        ax.plot([100 * r["mac_savings"] for r in mq], [y(r) for r in mq], "*", ms=12,
+                color="tab:red", label="Mquans (criticality bits)")
+        for i, r in enumerate(mq):  # alternate above/below: budgets often land close
+            ax.annotate(f"budget {r['budget']:g}", (100 * r["mac_savings"], y(r)),
+                        textcoords="offset points", xytext=(-10, 8 if i % 2 == 0 else -14),
+                        fontsize=7, color="tab:red")
     ax.axhline(100 * fp32_accuracy, color="k", lw=0.8, label="fp32 (no reuse)")
     if budget is not None:
         ax.axhline(100 * fp32_accuracy - budget, color="k", lw=0.8, ls="--",
                    label=f"fp32 - {budget:g} points")
     ax.set_xlabel("MACs saved by reuse (%)")
     ax.set_ylabel("top-1 accuracy on the sequences (%)")
-    lo = min([100 * r["accuracy"] for r in rows] + [100 * fp32_accuracy - 2])
-    ax.set_ylim(max(lo - 1, 0), 100 * fp32_accuracy + 1)
+    ax.set_ylim(floor - 0.3, top)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")

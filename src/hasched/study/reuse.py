@@ -370,7 +370,8 @@ def _write_outputs(out: Path, rows: list[dict], st: _Study, s: ReuseSettings) ->
                "rows": rows, "acceptance": checks}
     atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     name = s.model["name"]
-    plot_pareto(rows, out / "pareto.png", st.fp32_eval, budgets[0] if budgets else None,
+    plot_pareto(rows, out / "pareto.png", st.fp32_eval, 0.5 if 0.5 in budgets else (
+        budgets[0] if budgets else None),
                 f"{name} seed {s.seed}: accuracy vs MACs saved by reuse")
     plot_layer_reuse(rows, out / "reuse_layers.png", f"{name}: reuse rate per layer")
     atomic_write(out / "summary.md", summary_markdown(summary, s))
