@@ -209,9 +209,9 @@ def reuse(
     calib_sequences: Annotated[int, typer.Option(
         help="Leading sequences used for calibration (the rest are evaluated).")] = 50,
     calib_frames: Annotated[Path | None, typer.Option(
-        help="Frames folder or file for calibration instead (e.g. hasched frames --split "
-        "train --length 1: independent frames); then every sequence of --frames is "
-        "evaluated.")] = None,
+        help="Frames folder or file for calibration instead, made like --frames from "
+        "held-out images (hasched frames --exclude FRAMES_DIR ...); then every sequence of "
+        "--frames is evaluated.")] = None,
     refresh: Annotated[int, typer.Option(
         help="A dense frame every N frames (0: only the first).")] = 0,
     kernel: Annotated[str, typer.Option(

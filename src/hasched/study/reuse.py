@@ -79,10 +79,12 @@ class ReuseSettings:
         calib_sequences: Leading sequences used as the calibration set (without
             ``calib_frames``).
         calib_frames: Frames file or folder whose every frame is the calibration set; then
-            every sequence of ``frames`` is evaluated (``calib_sequences`` is ignored). Use
-            independent frames, e.g. ``hasched frames --split train --length 1``: the frames
-            of one sequence share a source image, so a few sequences hold few independent
-            samples and a budget of a fraction of a point is within their noise.
+            every sequence of ``frames`` is evaluated (``calib_sequences`` is ignored). Make
+            it like the evaluation frames from held-out images (``hasched frames --exclude``):
+            the frames of one sequence share a source image, so a few leading sequences hold
+            few samples and a budget of a fraction of a point is within their noise; training
+            images understate the drop (memorised), single frames overstate it (shifted more
+            often than a bouncing sequence's frames).
         refresh: A dense frame every ``refresh`` frames (0: only the first).
         kernel: Delta products ``sparse`` or ``dense`` (timing only; same MACs counted).
         bits_min, bits_max: Mquans' bit range.
