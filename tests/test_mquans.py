@@ -248,17 +248,17 @@ def test_commands_end_to_end(store, tmp_path, capsys, monkeypatch):
             "uniform:3", "--layers", "h0,op", "--calibration-images", "32", "--out", out2))
     summ2 = json.loads((out2 / "summary.json").read_text())
     conf2 = json.loads((out2 / "config.json").read_text())
-    assert conf2["calib_sequences"] == 0 and "rank" not in conf2
+    assert conf2["calib_sequences"] == 0 and conf2["rank"] == "per-mac"
     assert conf2["calib_frames"]["header"]["split"] == "train"
     assert summ2["calib_frames"] == 30 and summ2["eval_sequences"] == 12
     assert summ2["rows"][0]["macs_dense"] == 12 * 5 * (784 * 256 + 128 * 10)
     assert "`" + str(cal) + "`" in (out2 / "summary.md").read_text()
     out3 = tmp_path / "reuse3"
     _ok(run("reuse", "--model", "mlp", "--frames", fr, "--calib-frames", cal, "--criticality",
-            crit, "--bits", "mquans", "--budget", "2", "--rank", "per-mac", "--layers", "h0,op",
-            "--calibration-images", "32", "--out", out3))
+            crit, "--bits", "mquans", "--budget", "2", "--rank", "criticality", "--layers",
+            "h0,op", "--calibration-images", "32", "--out", out3))
     alloc = json.loads((out3 / "allocations" / "mquans-2.json").read_text())
-    assert json.loads((out3 / "config.json").read_text())["rank"] == "per-mac"
+    assert "rank" not in json.loads((out3 / "config.json").read_text())  # as before --rank
     assert alloc["drop"] <= 2 and alloc["evaluations"] >= 2
     # the same frames, other calibration frames: a different run, refused in that folder
     _error(run("reuse", "--model", "mlp", "--frames", fr, "--calib-frames", fr, "--bits",

@@ -217,8 +217,8 @@ def reuse(
     kernel: Annotated[str, typer.Option(
         help="Delta products: sparse (only changed inputs) or dense.")] = "sparse",
     rank: Annotated[str, typer.Option(
-        help="Mquans' ranking: criticality (the score) or per-mac (score per MAC the "
-        "neuron feeds).")] = "criticality",
+        help="Mquans' ranking: per-mac (criticality per MAC the neuron feeds) or "
+        "criticality (the score alone).")] = "per-mac",
     bits_min: Annotated[int, typer.Option(help="Fewest bits Mquans gives.")] = 2,
     bits_max: Annotated[int, typer.Option(help="Most bits (Mquans' start).")] = 8,
     calibration_images: Annotated[int, typer.Option(

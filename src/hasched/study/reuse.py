@@ -90,7 +90,7 @@ class ReuseSettings:
         bits_min, bits_max: Mquans' bit range.
         criticality: Criticality folder (needed by ``mquans``).
         calibration_images: Training images for the quantiser ranges.
-        rank: Mquans' ranking key, ``criticality`` or ``per-mac``
+        rank: Mquans' ranking key, ``per-mac`` (default) or ``criticality``
             (:mod:`hasched.reuse.allocate`).
     """
 
@@ -107,7 +107,7 @@ class ReuseSettings:
     criticality: str | None = None
     calibration_images: int = 512
     calib_frames: str | None = None
-    rank: str = "criticality"
+    rank: str = "per-mac"
 
     def __post_init__(self) -> None:
         if self.rank not in RANKS:
@@ -146,7 +146,7 @@ def _config(s: ReuseSettings, fs: FrameSet, cal: FrameSet | None, crit_id: str |
         del d["calib_frames"]
     else:
         d["calib_frames"], d["calib_sequences"] = _frames_id(cal), 0
-    if s.rank == "criticality":
+    if s.rank == "criticality":  # the only ranking before the option existed
         del d["rank"]
     d["criticality"] = crit_id
     return d
