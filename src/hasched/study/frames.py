@@ -26,8 +26,9 @@ def _excluded_sources(exclude: str | Path, dataset: str, split: str) -> np.ndarr
     """Sorted source indices of another frame set of the same dataset and split."""
     other = load_frames(exclude)
     if (other.header.get("dataset"), other.header.get("split")) != (dataset, split):
-        raise HaschedError(f"--exclude {exclude} holds frames of {other.header.get('dataset')}"
-                           f" {other.header.get('split')}, not {dataset} {split}")
+        raise HaschedError(f"the frames to exclude ({exclude}) are of "
+                           f"{other.header.get('dataset')} {other.header.get('split')}, "
+                           f"not {dataset} {split}")
     return np.unique(other.source_index.astype(np.int64))
 
 
@@ -52,8 +53,9 @@ def write_frames(out: str | Path, dataset: str, sequences: int, length: int, mot
               "length": length, "motion": motion.to_dict(), "seed": seed}
     if images is not None:  # absent otherwise, so older frames folders keep their identity
         config["images"] = images
-    held = _excluded_sources(exclude, dataset, split) if exclude is not None else None
-    if held is not None:
+    held = None
+    if exclude is not None:
+        held = _excluded_sources(exclude, dataset, split)
         config["exclude"] = {"sources": len(held), "sha256": hashlib.sha256(
             held.tobytes()).hexdigest()[:16]}
 
