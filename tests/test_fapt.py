@@ -183,6 +183,25 @@ def test_acceptance_compares_with_the_cheapest_fixed_amount_of_the_same_yield():
     assert acceptance(summary)["reduce"]["epoch_ratio"] == float("inf")
 
 
+def test_hindsight_bound_takes_each_chips_cheapest_meeting_amount():
+    from hasched.study.retrain import hindsight_bound
+
+    def row(chip, policy, cost, meets):
+        return {"chip": chip, "policy": policy, "cost_epochs": cost, "meets": meets}
+
+    rows = [row("a", "none", 0.0, False), row("a", "fixed:2", 2.0, True),
+            row("a", "fixed:0.5", 0.5, True), row("a", "reduce", 0.5, True),
+            row("b", "none", 0.0, True), row("b", "fixed:0.5", 0.5, True),
+            row("c", "fixed:2", 2.0, False), row("c", "fixed:0.5", 0.5, False),
+            row("d", "fixed:0.5", 0.52, False), row("d", "fixed:2", 2.04, True)]
+    b = hindsight_bound(rows)
+    # a: 0.5 (fixed:2 also meets, reduce is not an amount); b: FAP alone; c: never, costs
+    # nothing; d: 2.04 (costs are steps / steps per epoch, not the nominal amount)
+    assert b == {"chips": 4, "yield": 0.75, "total_epochs": pytest.approx(0.5 + 2.04),
+                 "amounts": {"a": 0.5, "b": 0.0, "c": None, "d": 2.0}}
+    assert hindsight_bound([row("a", "none", 0.0, True), row("a", "reduce", 1.0, True)]) is None
+
+
 def test_reduce_steps_up_when_verification_misses():
     eps = [0.0, 0.5, 1.0, 2.0]
     asked = []

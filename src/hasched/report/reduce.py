@@ -151,7 +151,7 @@ def acceptance(summary: dict, target_yield: float = 0.95) -> dict:
     return out
 
 
-def _cost_plot(summary: dict, path: Path, title: str) -> Path:
+def _cost_plot(summary: dict, path: Path, title: str, bound: dict | None = None) -> Path:
     pol = summary["policies"]
     fixed = _fixed(pol)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
@@ -170,6 +170,10 @@ def _cost_plot(summary: dict, path: Path, title: str) -> Path:
                 ax.plot([pol[name][key] * scale], [100 * pol[name]["yield"]], marker,
                         color=color, ms=14 if marker == "*" else 8, ls="none",
                         label=_LABEL[name])
+        if bound is not None and key == "total_epochs":  # epochs only: it has no wall time
+            ax.plot([bound["total_epochs"]], [100 * bound["yield"]], "o", mfc="none",
+                    color="k", ms=10, ls="none",
+                    label="hindsight (per-chip oracle on test images; not a policy)")
         ax.axhline(95, color="k", lw=0.7, ls="--")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -178,6 +182,27 @@ def _cost_plot(summary: dict, path: Path, title: str) -> Path:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _hindsight(table: Path, summary: dict) -> dict | None:
+    """The per-chip oracle of :func:`~hasched.study.retrain.hindsight_bound` from
+    ``retrain.csv``, with its epochs as a share of the cheapest fixed amount of at least its
+    yield (the most any Reduce variant could save on these chips)."""
+    from hasched.study.retrain import hindsight_bound
+
+    rows = [{"chip": r["chip"], "policy": r["policy"], "cost_epochs": float(r["cost_epochs"]),
+             "meets": r["meets"] == "1"} for r in _read_csv(table)]
+    bound = hindsight_bound(rows)
+    if bound is None:
+        return None
+    out = {k: bound[k] for k in ("chips", "yield", "total_epochs")}
+    pol = summary["policies"]
+    fixed = ([(0.0, "none", pol["none"])] if "none" in pol else []) + _fixed(pol)
+    same = [(n, s) for _, n, s in fixed if s["yield"] >= bound["yield"] - 1e-12]
+    if same and same[0][1]["total_epochs"] > 0:
+        out["fixed_same_yield"] = same[0][0]
+        out["epoch_ratio"] = bound["total_epochs"] / same[0][1]["total_epochs"]
+    return out
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -205,11 +230,14 @@ def write_reduce_report(resilience_dir: str | Path, retrain_dir: str | Path,
                  f"{len(_read_csv(ret_dir / 'retrain.csv')) // max(len(summary['policies']), 1)}"
                  f" chips, constraint: test drop <= {summary['max_drop']:g} pt")
         verdict = acceptance(summary)
+        bound = _hindsight(ret_dir / "retrain.csv", summary)
+        if bound is not None:
+            verdict["hindsight"] = bound
         md = _markdown(rmap, summary, verdict, title)
     except (KeyError, TypeError, ValueError, IndexError, FileNotFoundError) as exc:
         raise HaschedError(f"{ret_dir} and {res_dir} do not hold a complete Reduce run "
                            f"({type(exc).__name__}: {exc})") from None
-    fig = _cost_plot(summary, out / "cost_vs_yield.png", title)
+    fig = _cost_plot(summary, out / "cost_vs_yield.png", title, verdict.get("hindsight"))
     atomic_write(out / "reduce.md", md)
     return {"figure": fig, "report": out / "reduce.md", "acceptance": verdict}
 
@@ -249,6 +277,16 @@ def _markdown(rmap: dict, summary: dict, verdict: dict, title: str) -> str:
         f = verdict["fixed_max"]
         lines.append(f"- {f['policy']} (every chip the maximum): yield {100 * f['yield']:.1f} "
                      f"%, {f['epochs']:.2f} epochs.")
+    if "hindsight" in verdict:
+        h = verdict["hindsight"]
+        line = (f"- Hindsight bound (not a policy: each chip given the smallest amount of this "
+                f"run that meets the constraint on the test images): yield "
+                f"{100 * h['yield']:.1f} % with {h['total_epochs']:.2f} epochs")
+        if "epoch_ratio" in h:
+            line += (f", {100 * h['epoch_ratio']:.0f} % of {h['fixed_same_yield']}'s epochs. "
+                     "No policy that chooses among these amounts reaches that yield with "
+                     "fewer epochs")
+        lines.append(line + ".")
     lines += ["", "## Resilience map (validation accuracy %, worst / mean over chips)", "",
               "| faulty PEs | " + " | ".join(f"e={e:g}" for e in rmap["epochs"]) + " |",
               "|---|" + "---|" * len(rmap["epochs"])]

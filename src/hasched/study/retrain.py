@@ -47,7 +47,7 @@ from hasched.study.grid import GridCell, check_grid_dir, run_grid
 from hasched.study.resilience import ResilienceMap
 
 __all__ = ["Policy", "RetrainConfig", "ChipRun", "reduce_steps", "run_retrain",
-           "summarize_policies", "TABLE_NAME"]
+           "summarize_policies", "hindsight_bound", "TABLE_NAME"]
 
 KIND = "retrain"
 TABLE_NAME = "retrain.csv"
@@ -339,6 +339,42 @@ def summarize_policies(rows: list[dict], policies: list[str], clean: dict,
             "mean_drop": sum(drops) / len(drops), "worst_drop": max(drops),
             "step_ups": sum(r.get("step_ups", 0) for r in mine)}
     return out
+
+
+def hindsight_bound(rows: list[dict]) -> dict | None:
+    """What a per-chip oracle would pay: each chip gets the smallest amount (``none`` or a
+    ``fixed:E`` of the run) that meets the constraint *on the test images*.
+
+    Not a policy (it reads the yield images); it bounds what any amount-selection policy
+    could save at that yield on these chips with these amounts. A chip that no amount
+    brings within the constraint counts as a miss and is charged nothing (retraining it
+    would not change the yield), so the total is a lower bound.
+
+    Args:
+        rows: Rows with ``chip``, ``policy``, ``cost_epochs`` and ``meets``
+            (``retrain.csv``'s columns, typed).
+
+    Returns:
+        ``{"chips", "yield", "total_epochs", "amounts": {chip: epochs or None}}``, or None
+        when the rows hold no ``fixed:E`` amount to choose from.
+    """
+    per_chip: dict[str, list[tuple[float, dict]]] = {}
+    for r in rows:
+        name = r["policy"]
+        if name == "none" or name.startswith("fixed:"):
+            amount = 0.0 if name == "none" else float(name.split(":", 1)[1])
+            per_chip.setdefault(r["chip"], []).append((amount, r))
+    if not any(a > 0 for runs in per_chip.values() for a, _ in runs):
+        return None
+    total, met, amounts = 0.0, 0, {}
+    for chip, runs in per_chip.items():
+        runs.sort(key=lambda ar: ar[0])
+        first = next(((a, r) for a, r in runs if r["meets"]), None)
+        total += 0.0 if first is None else first[1]["cost_epochs"]
+        met += first is not None
+        amounts[chip] = None if first is None else first[0]
+    return {"chips": len(per_chip), "yield": met / len(per_chip), "total_epochs": total,
+            "amounts": amounts}
 
 
 def _write_tables(out: str | Path, rows: list[dict], summary: dict) -> None:
