@@ -27,8 +27,7 @@ TrainImagesOpt = Annotated[str, typer.Option(
     "--train-images", help="Training images FAP+T fine-tunes on (a range).")]
 ValImagesOpt = Annotated[str, typer.Option(
     "--val-images", help="Test images for decisions (the map, Reduce's verification); "
-    "disjoint from --images, on which yield is reported, and as hard (mnist32-cnn: "
-    "--images :2500 --val-images 2500:5000; see the README).")]
+    "disjoint from --images, on which yield is reported, and as hard (see the README).")]
 LrOpt = Annotated[typing.Optional[float], typer.Option(  # noqa: UP045 - Typer needs Optional
     "--lr", help="Fine-tuning learning rate (default: the model's training recipe's).")]
 BatchOpt = Annotated[typing.Optional[int], typer.Option(  # noqa: UP045

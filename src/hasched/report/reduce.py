@@ -286,6 +286,8 @@ def _markdown(rmap: dict, summary: dict, verdict: dict, title: str) -> str:
             line += (f", {100 * h['epoch_ratio']:.0f} % of {h['fixed_same_yield']}'s epochs. "
                      "No policy that chooses among these amounts reaches that yield with "
                      "fewer epochs")
+        else:
+            line += "; no fixed amount reaches that yield"
         lines.append(line + ".")
     lines += ["", "## Resilience map (validation accuracy %, worst / mean over chips)", "",
               "| faulty PEs | " + " | ".join(f"e={e:g}" for e in rmap["epochs"]) + " |",
