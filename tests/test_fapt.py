@@ -289,6 +289,33 @@ def test_policies_give_the_same_rows_in_any_order():
     assert got[0]["reduce"]["tried"][0] == 0.5
 
 
+def test_verify_margin_makes_reduce_aim_lower_but_judges_yield_at_max_drop():
+    from hasched.study.fap_study import FapStudy
+    from hasched.study.retrain import RetrainConfig, _chip_rows
+
+    ctx = tiny_context(tiny_model(), ["h0", "op"], Systolic(4, 4))
+    ctx.clean_val = ctx.clean_test = 0.95
+    c = chip(0.1, 3)  # rate 0.125: worst case [0.75, 0.9025, 0.93375, 0.9475] by hand
+    rmap = hand_map()
+    assert rmap.choose(0.125, 5.0).epochs == 0.5 and rmap.choose(0.125, 4.0).epochs == 1.0
+    rows = {}
+    for margin in (0.0, 1.0):
+        cfg = RetrainConfig(FapStudy(), (Policy("reduce"),), (("c", c),), 5.0, rmap,
+                            verify_margin=margin)
+        rows[margin] = _chip_rows(cfg, ctx, "c", c, False)[0]
+        assert ("verify_margin" in cfg.identity()) == (margin > 0)  # old runs still resume
+    assert rows[0.0]["chosen"] == 0.5 and rows[1.0]["chosen"] == 1.0  # aims at 4 points
+    for r in rows.values():  # judged at 5 points whatever the margin
+        assert r["meets"] == (r["test_acc"] >= 0.90 - 1e-12)
+        assert r["val_ok"] == (r["val_acc"] >= 0.90 - 1e-12)
+        # verification stopped at the first amount that met the aim (or the last amount)
+        aim = 0.90 if r is rows[0.0] else 0.91
+        assert r["val_acc"] >= aim - 1e-12 or r["epochs"] == 2.0
+    with pytest.raises(HaschedError, match="verify-margin"):
+        RetrainConfig(FapStudy(), (Policy("none"),), (("c", c),), 1.0,
+                      verify_margin=1.5).validate()
+
+
 @pytest.mark.parametrize("batch,n", [(1, 100), (16, 1)])
 def test_batchnorm_with_one_image_batches_is_an_error_not_a_hang(batch, n):
     model = nn.Sequential(OrderedDict([("h0", nn.Linear(12, 10)), ("bn", nn.BatchNorm1d(10)),

@@ -158,6 +158,9 @@ def retrain(
     ] = "none,fixed,reduce,reduce-crit,remap",
     max_drop: Annotated[float, typer.Option(
         "--max-drop", help="Allowed accuracy drop from clean, in points.")] = 1.0,
+    verify_margin: Annotated[float, typer.Option(
+        "--verify-margin", help="Points reduce/reduce-crit keep in hand on the validation "
+        "images (they aim at --max-drop minus this); yield is judged at --max-drop.")] = 0.0,
     resilience: Annotated[typing.Optional[Path], typer.Option(  # noqa: UP045
         help="Resilience map folder (hasched resilience); needed by reduce and fixed.")
     ] = None,
@@ -190,7 +193,7 @@ def retrain(
     cfg = RetrainConfig(study, _policies(policy), tuple(load_chip_dir(chips, mp.pe_shape,
                                                                       mp.spec())),
                         max_drop, rmap, remap_searcher, _options(remap_option or []),
-                        remap_images).validate()
+                        remap_images, verify_margin=verify_margin).validate()
     if any(p.kind == "remap" for p in cfg.policies):
         from hasched.search import create_searcher
 
