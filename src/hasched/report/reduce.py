@@ -116,6 +116,12 @@ def _fixed(policies: dict) -> list[tuple[float, str, dict]]:
                   if n.startswith("fixed:"))
 
 
+def _cheapest_fixed(pol: dict, at_least: float) -> tuple[str, dict] | None:
+    """The cheapest fixed amount (``none`` = 0 epochs) with yield >= ``at_least``."""
+    fixed = ([(0.0, "none", pol["none"])] if "none" in pol else []) + _fixed(pol)
+    return next(((n, s) for _, n, s in fixed if s["yield"] >= at_least - 1e-12), None)
+
+
 def acceptance(summary: dict, target_yield: float = 0.95) -> dict:
     """Each Reduce variant against the fixed policies: its yield, and its epochs as a share
     of the cheapest fixed amount (``none`` = 0 epochs) that reaches at least the same yield.
@@ -131,16 +137,14 @@ def acceptance(summary: dict, target_yield: float = 0.95) -> dict:
     if fixed:
         _, name, s = fixed[-1]
         out["fixed_max"] = {"policy": name, "yield": s["yield"], "epochs": s["total_epochs"]}
-    if "none" in pol:  # FAP only is the fixed policy with 0 epochs
-        fixed = [(0.0, "none", pol["none"])] + fixed
     for variant in ("reduce", "reduce-crit"):
         if variant not in pol:
             continue
         r = pol[variant]
         v = {"yield": r["yield"], "epochs": r["total_epochs"], "seconds": r["total_seconds"]}
-        same = [(n, s) for _, n, s in fixed if s["yield"] >= r["yield"] - 1e-12]
-        if same:
-            n, s = same[0]
+        same = _cheapest_fixed(pol, r["yield"])
+        if same is not None:
+            n, s = same
             v["fixed_same_yield"] = {"policy": n, "yield": s["yield"],
                                      "epochs": s["total_epochs"]}
             v["epoch_ratio"] = r["total_epochs"] / s["total_epochs"] if s["total_epochs"] \
@@ -196,12 +200,11 @@ def _hindsight(table: Path, summary: dict) -> dict | None:
     if bound is None:
         return None
     out = {k: bound[k] for k in ("chips", "yield", "total_epochs")}
-    pol = summary["policies"]
-    fixed = ([(0.0, "none", pol["none"])] if "none" in pol else []) + _fixed(pol)
-    same = [(n, s) for _, n, s in fixed if s["yield"] >= bound["yield"] - 1e-12]
-    if same and same[0][1]["total_epochs"] > 0:
-        out["fixed_same_yield"] = same[0][0]
-        out["epoch_ratio"] = bound["total_epochs"] / same[0][1]["total_epochs"]
+    same = _cheapest_fixed(summary["policies"], bound["yield"])
+    if same is not None:
+        out["fixed_same_yield"] = same[0]
+        if same[1]["total_epochs"] > 0:
+            out["epoch_ratio"] = bound["total_epochs"] / same[1]["total_epochs"]
     return out
 
 
@@ -286,6 +289,8 @@ def _markdown(rmap: dict, summary: dict, verdict: dict, title: str) -> str:
             line += (f", {100 * h['epoch_ratio']:.0f} % of {h['fixed_same_yield']}'s epochs. "
                      "No policy that chooses among these amounts reaches that yield with "
                      "fewer epochs")
+        elif "fixed_same_yield" in h:  # FAP alone reaches it
+            line += f"; {h['fixed_same_yield']} reaches that yield with 0 epochs"
         else:
             line += "; no fixed amount reaches that yield"
         lines.append(line + ".")
