@@ -177,6 +177,11 @@ def test_bad_inputs_are_one_line(runs, store, tmp_path, capsys, monkeypatch):
     code, _, err = cli(good + ["--resilience", str(runs / "res"), "--lr", "0.5"], capsys,
                        monkeypatch, store)
     one_error(code, err, "differs in: fine_tune")
+    # a mistyped model is named as such, not reported as a map made with other settings
+    code, _, err = cli(["retrain", "--model", "mpl", *STUDY[2:], "--chips",
+                        str(runs / "chips"), "--out", str(tmp_path / "o"), "--resilience",
+                        str(runs / "res")], capsys, monkeypatch, store)
+    one_error(code, err, "unknown model 'mpl'")
     code, _, err = cli(good + ["--resilience", str(tmp_path)], capsys, monkeypatch, store)
     one_error(code, err, "no finished resilience map")
     for opt, needle in ((["--policy", "fixed:x"], "fixed:E"), (["--policy", "sometimes"],

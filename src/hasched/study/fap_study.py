@@ -66,7 +66,10 @@ class FapStudy:
                         mapping=self.mapping, k_order=self.k_order)
 
     def validate(self) -> FapStudy:
-        mp = self.scenario().mapping_obj()
+        scn = self.scenario()
+        # an unknown model must be named as such, before an --out folder or a map is read
+        scn.model_ref()
+        mp = scn.mapping_obj()
         if mp.name != "systolic":
             raise HaschedError(f"FAP needs a weight-stationary array (--mapping systolic:RxC),"
                                f" not {self.mapping}: there a weight sits on one PE")
